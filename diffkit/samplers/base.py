@@ -1,0 +1,40 @@
+"""What every sampler shares: checking its inputs, calling the denoiser at one sigma, the callback."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from diffkit.contracts import Denoiser
+from diffkit.grids import check_grid
+
+Callback = Callable[[int, Tensor, float, Tensor], None]
+"""callback(i, x, sigma_i, x0_hat): called once per step, after the denoiser, before the update."""
+
+
+def prepare(x: Tensor, sigmas: Tensor) -> list[float]:
+    """Validate (x, grid) and return the grid as Python floats (step coefficients need no device syncs)."""
+    if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError("x must be a (B, ...) tensor with B >= 1: the starting noise scaled to sigmas[0]")
+    check_grid(sigmas)
+    return sigmas.tolist()
+
+
+def denoise(denoiser: Denoiser, x: Tensor, sigma: float) -> Tensor:
+    """D(x, sigma) with sigma given to the denoiser as a (B,) tensor; checks the denoiser kept x's shape."""
+    x0_hat = denoiser(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device))
+    if x0_hat.shape != x.shape:
+        raise ValueError(f"the denoiser returned shape {tuple(x0_hat.shape)} for input {tuple(x.shape)}")
+    return x0_hat
+
+
+class NFECounter:
+    """Wrap a denoiser and count its calls (the number of function evaluations, NFE)."""
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser, self.nfe = denoiser, 0
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        self.nfe += 1
+        return self.denoiser(x, sigma)
