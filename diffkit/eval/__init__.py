@@ -1,0 +1,1 @@
+"""Evaluation: distances between sample sets (metrics.py)."""
