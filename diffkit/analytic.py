@@ -159,3 +159,18 @@ class FiniteDataset(_Exact):
     def _posterior_mean(self, xf: Tensor, sigma: Tensor) -> Tensor:
         d2 = torch.cdist(xf, self.points.to(xf.device)) ** 2
         return torch.softmax(-d2 / (2 * (sigma**2)[:, None]), dim=1) @ self.points.to(xf.device)
+
+
+def ring(n_modes: int = 8, radius: float = 4.0, scale: tuple[float, float] = (0.05, 0.3), seed: int = 0) -> GaussianMixture:
+    """The built-in 2-D target: equal-weight modes on a circle, each with a random anisotropic covariance.
+
+    Each covariance is R diag(s1^2, s2^2) R^T with standard deviations s uniform in `scale` and a random rotation R.
+    """
+    g = torch.Generator().manual_seed(seed)
+    angle = torch.arange(n_modes, dtype=torch.float64) * 2 * math.pi / n_modes
+    means = radius * torch.stack([angle.cos(), angle.sin()], 1)
+    std = scale[0] + (scale[1] - scale[0]) * torch.rand(n_modes, 2, generator=g, dtype=torch.float64)
+    theta = math.pi * torch.rand(n_modes, generator=g, dtype=torch.float64)
+    rot = torch.stack([torch.stack([theta.cos(), -theta.sin()], -1), torch.stack([theta.sin(), theta.cos()], -1)], -2)
+    covs = rot @ torch.diag_embed(std**2) @ rot.transpose(1, 2)
+    return GaussianMixture(means, covs)

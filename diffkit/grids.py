@@ -37,7 +37,9 @@ def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tens
         raise ValueError(f"karras needs n >= 1 and 0 < sigma_min < sigma_max, got {n}, {sigma_min}, {sigma_max}")
     ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return _append_zero((hi + ramp * (lo - hi)) ** rho)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    sigmas[0], sigmas[-1] = sigma_max, sigma_min if n > 1 else sigma_max  # exact ends, free of pow round-off
+    return _append_zero(sigmas)
 
 
 def uniform_t(path: Path, n: int, t_min: float | None = None, t_max: float | None = None) -> Tensor:

@@ -223,6 +223,7 @@ class RectifiedFlow(Path):
     """
 
     scaling = "linear"
+    t_min = 1e-3
     t_max = 1 - 1e-3  # sigma = t / (1 - t) is infinite at t = 1.
 
     def alpha(self, t):

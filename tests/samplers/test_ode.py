@@ -1,0 +1,84 @@
+"""Convergence orders of the ODE samplers against the exact probability-flow solution of a Gaussian mixture."""
+import numpy as np
+import pytest
+import torch
+
+from diffkit import grids, samplers
+from diffkit.samplers import NFECounter
+
+SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
+
+
+@pytest.fixture(scope="module")
+def problem(ring_gmm):
+    g = torch.Generator().manual_seed(0)
+    x_T = ring_gmm.sample(200, g) + SIGMA_MAX * torch.randn(200, 2, generator=g, dtype=torch.float64)
+    # The reference takes the same final jump x = D(x, sigma_min) as the samplers, so the fitted slope
+    # measures discretization error alone (that jump's own O(sigma_min^2) error would set a floor).
+    return ring_gmm, x_T, ring_gmm.flow(x_T, SIGMA_MAX, sigma_end=SIGMA_MIN)
+
+
+def order(gmm, x_T, ref, sampler, steps):
+    nfes, errors = [], []
+    for n in steps:
+        counter = NFECounter(gmm)
+        out = sampler(counter, x_T, grids.karras(n, SIGMA_MIN, SIGMA_MAX))
+        nfes.append(counter.nfe)
+        errors.append((out - ref).norm(dim=1).median().item())
+    return np.polyfit(np.log(nfes), np.log(errors), 1)[0], errors
+
+
+@pytest.mark.parametrize(
+    "name,steps,lo,hi",
+    [
+        ("euler", [40, 80, 160], 0.85, 1.15),
+        ("heun", [40, 80, 160], 1.8, 2.3),
+        ("dpmpp_2m", [40, 80, 160], 1.8, 2.4),
+        ("dpmpp_3m", [40, 80, 160], 2.7, 3.6),
+    ],
+)
+def test_convergence_order_on_gmm(problem, name, steps, lo, hi):
+    slope, errors = order(*problem, samplers.get(name), steps)
+    assert lo < -slope < hi, f"{name}: fitted order {-slope:.2f}, median errors {errors}"
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_multistep_order_k(problem, k):
+    slope, errors = order(*problem, lambda d, x, s: samplers.multistep(d, x, s, order=k), [80, 160, 320])
+    assert abs(-slope - k) < 0.45, f"order {k}: fitted {-slope:.2f}, errors {errors}"
+
+
+def test_heun_on_single_gaussian_closed_form(gauss3):
+    g = torch.Generator().manual_seed(5)
+    x_T = gauss3.sample(64, g) + 50.0 * torch.randn(64, 3, generator=g, dtype=torch.float64)
+    exact = gauss3.gaussian_flow(x_T, 50.0)
+    errs = [(samplers.heun(gauss3, x_T, grids.karras(n, 1e-3, 50.0)) - exact).norm(dim=1).max().item() for n in (32, 64)]
+    assert errs[1] < 0.02 and 3.5 < errs[0] / errs[1] < 5.0  # second order: halving h quarters the error
+
+
+def test_rk45_reaches_reference_and_counts_nfe(problem):
+    gmm, x_T, ref = problem
+    counter = NFECounter(gmm)
+    out = samplers.rk45(counter, x_T, grids.karras(10, SIGMA_MIN, SIGMA_MAX), rtol=1e-8, atol=1e-8)
+    assert (out - ref).norm(dim=1).max() < 1e-5
+    assert counter.nfe > 50  # adaptive: many more evaluations than grid points
+
+
+def test_heun_nfe_is_2n_minus_1(ring_gmm):
+    counter = NFECounter(ring_gmm)
+    samplers.heun(counter, torch.zeros(4, 2, dtype=torch.float64), grids.karras(18, SIGMA_MIN, SIGMA_MAX))
+    assert counter.nfe == 35  # EDM's CIFAR-10 setting
+
+
+def test_ddim_eta0_and_2m_sde_eta0_are_their_ode_forms(problem):
+    gmm, x_T, _ = problem
+    s = grids.karras(12, SIGMA_MIN, SIGMA_MAX)
+    torch.testing.assert_close(samplers.ddim(gmm, x_T, s, eta=0.0), samplers.euler(gmm, x_T, s), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(samplers.dpmpp_2m_sde(gmm, x_T, s, eta=0.0), samplers.dpmpp_2m(gmm, x_T, s), rtol=1e-12, atol=1e-12)
+
+
+def test_callback_sees_every_step(ring_gmm):
+    seen = []
+    samplers.dpmpp_2m(ring_gmm, torch.ones(3, 2, dtype=torch.float64) * 10, grids.karras(6, 0.01, 10.0),
+                      callback=lambda i, x, sigma, x0_hat: seen.append((i, sigma, x0_hat.shape)))
+    assert [i for i, _, _ in seen] == list(range(6)) and seen[0][1] == 10.0 and seen[0][2] == (3, 2)
