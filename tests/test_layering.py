@@ -15,7 +15,8 @@ RANK = {
     "objectives": 3, "samplers": 3,
     "analytic": 4, "onestep": 4, "codecs": 4, "flows": 4,
     "train": 5, "eval": 5,
-    "cli": 6, "demo": 6,
+    "demo": 6,  # the jobs the CLI runs
+    "cli": 7,
 }
 ISOLATED = {"nets": set(), "data": {"contracts", "_tensor"}, "train": {"contracts", "_tensor"}}  # allowed diffkit imports
 

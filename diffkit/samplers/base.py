@@ -21,11 +21,13 @@ def prepare(x: Tensor, sigmas: Tensor) -> list[float]:
     return sigmas.tolist()
 
 
-def denoise(denoiser: Denoiser, x: Tensor, sigma: float) -> Tensor:
-    """D(x, sigma) with sigma given to the denoiser as a (B,) tensor; checks the denoiser kept x's shape."""
+def denoise(denoiser: Denoiser, x: Tensor, sigma: float, callback: Callback | None = None, step: int = 0) -> Tensor:
+    """D(x, sigma) with sigma given as a (B,) tensor; checks the output's shape, then reports it to the callback."""
     x0_hat = denoiser(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device))
     if x0_hat.shape != x.shape:
         raise ValueError(f"the denoiser returned shape {tuple(x0_hat.shape)} for input {tuple(x.shape)}")
+    if callback is not None:
+        callback(step, x, sigma, x0_hat)
     return x0_hat
 
 

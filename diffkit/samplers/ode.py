@@ -29,9 +29,7 @@ def euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, nois
     """Euler in sigma (EDM Alg. 1 with one evaluation per step). DDIM(eta=0) and flow-matching Euler are this step."""
     s = prepare(x, sigmas)
     for i in range(len(s) - 1):
-        x0_hat = denoise(denoiser, x, s[i])
-        if callback is not None:
-            callback(i, x, s[i], x0_hat)
+        x0_hat = denoise(denoiser, x, s[i], callback, i)
         x = x0_hat + (s[i + 1] / s[i]) * (x - x0_hat)  # x + (s' - s) (x - D) / s
     return x
 
@@ -50,9 +48,7 @@ def heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, noise
         if gamma > 0:
             x = x + math.sqrt(s_hat**2 - s[i] ** 2) * s_noise * source(i, x, x)
         # Euler step (lines 7-8).
-        x0_hat = denoise(denoiser, x, s_hat)
-        if callback is not None:
-            callback(i, x, s_hat, x0_hat)
+        x0_hat = denoise(denoiser, x, s_hat, callback, i)
         d = (x - x0_hat) / s_hat
         x_next = x + (s[i + 1] - s_hat) * d
         # 2nd-order correction (lines 9-11), skipped on the last step to sigma = 0.
@@ -69,9 +65,7 @@ def dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, n
     s = prepare(x, sigmas)
     old, h_last = None, None
     for i in range(len(s) - 1):
-        x0_hat = denoise(denoiser, x, s[i])
-        if callback is not None:
-            callback(i, x, s[i], x0_hat)
+        x0_hat = denoise(denoiser, x, s[i], callback, i)
         if s[i + 1] == 0:
             x = x0_hat
             continue
@@ -115,9 +109,7 @@ def multistep(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, 
     s = prepare(x, sigmas)
     history: list[tuple[float, Tensor]] = []  # (lambda_j, D_j), newest first
     for i in range(len(s) - 1):
-        x0_hat = denoise(denoiser, x, s[i])
-        if callback is not None:
-            callback(i, x, s[i], x0_hat)
+        x0_hat = denoise(denoiser, x, s[i], callback, i)
         if s[i + 1] == 0:
             x = x0_hat
             continue
@@ -151,7 +143,4 @@ def rk45(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, noise
     if s_end < s[0]:
         u = torch.tensor([math.log(s[0]), math.log(s_end)], dtype=torch.float64)
         x = torchdiffeq.odeint(field, x, u, rtol=rtol, atol=atol, method=method)[-1]
-    x0_hat = denoise(denoiser, x, s_end)
-    if callback is not None:
-        callback(0, x, s_end, x0_hat)
-    return x0_hat
+    return denoise(denoiser, x, s_end, callback)

@@ -26,9 +26,7 @@ def ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, noise
     s = prepare(x, sigmas)
     source = resolve(noise, generator) if eta > 0 else None
     for i in range(len(s) - 1):
-        x0_hat = denoise(denoiser, x, s[i])
-        if callback is not None:
-            callback(i, x, s[i], x0_hat)
+        x0_hat = denoise(denoiser, x, s[i], callback, i)
         eps_hat = (x - x0_hat) / s[i]
         c = eta * s[i + 1] * math.sqrt(1 - (s[i + 1] / s[i]) ** 2)
         x = x0_hat + math.sqrt(s[i + 1] ** 2 - c**2) * eps_hat
@@ -55,9 +53,7 @@ def euler_maruyama(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=N
     s = prepare(x, sigmas)
     source = resolve(noise, generator)
     for i in range(len(s) - 1):
-        x0_hat = denoise(denoiser, x, s[i])
-        if callback is not None:
-            callback(i, x, s[i], x0_hat)
+        x0_hat = denoise(denoiser, x, s[i], callback, i)
         if s[i + 1] == 0:
             x = x0_hat
             continue
@@ -77,9 +73,7 @@ def dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=Non
     source = resolve(noise, generator) if eta > 0 else None
     old, h_last = None, None
     for i in range(len(s) - 1):
-        x0_hat = denoise(denoiser, x, s[i])
-        if callback is not None:
-            callback(i, x, s[i], x0_hat)
+        x0_hat = denoise(denoiser, x, s[i], callback, i)
         if s[i + 1] == 0:
             x = x0_hat
             continue
