@@ -272,7 +272,11 @@ class Shifted(Path):
         return self.base.t(_as_tensor(sigma) / self.scale)
 
 
-# Training densities over t (each returns t of shape (n,), float64).
+# Training densities over t (each returns t of shape (n,), float64, on the generator's device).
+
+
+def _device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
 
 
 class Uniform:
@@ -284,7 +288,7 @@ class Uniform:
     def sample(self, path: Path, n: int, generator: torch.Generator | None = None) -> Tensor:
         lo = path.t_min if self.t_lo is None else self.t_lo
         hi = path.t_max if self.t_hi is None else self.t_hi
-        return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+        return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64, device=_device(generator))
 
 
 class LogNormal:
@@ -294,7 +298,7 @@ class LogNormal:
         self.p_mean, self.p_std = p_mean, p_std
 
     def sample(self, path: Path, n: int, generator: torch.Generator | None = None) -> Tensor:
-        ln_sigma = self.p_mean + self.p_std * torch.randn(n, generator=generator, dtype=torch.float64)
+        ln_sigma = self.p_mean + self.p_std * torch.randn(n, generator=generator, dtype=torch.float64, device=_device(generator))
         return path.t(ln_sigma.exp())
 
 
@@ -305,5 +309,5 @@ class LogitNormal:
         self.mean, self.std = mean, std
 
     def sample(self, path: Path, n: int, generator: torch.Generator | None = None) -> Tensor:
-        u = torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, dtype=torch.float64))
+        u = torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, dtype=torch.float64, device=_device(generator)))
         return path.t_min + (path.t_max - path.t_min) * u

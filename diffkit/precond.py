@@ -110,8 +110,15 @@ class Precond(nn.Module):
             c_skip, c_out = one, sigma * b
         return c_skip, c_out, a, t
 
+    def raw(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The network's own output F(c_in x, c_noise, cond), what objectives regress."""
+        _, _, c_in, c_noise = self.scalings(self._sigma(x, sigma))
+        return self.net(per_sample(c_in, x) * x, c_noise.to(x.dtype), cond).to(x.dtype)
+
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(x.shape[0])
-        c_skip, c_out, c_in, c_noise = self.scalings(sigma)
-        f = self.net(per_sample(c_in, x) * x, c_noise.to(x.dtype), cond)
-        return per_sample(c_skip, x) * x + per_sample(c_out, x) * f.to(x.dtype)
+        c_skip, c_out, _, _ = self.scalings(self._sigma(x, sigma))
+        return per_sample(c_skip, x) * x + per_sample(c_out, x) * self.raw(x, sigma, cond)
+
+    @staticmethod
+    def _sigma(x: Tensor, sigma: Tensor) -> Tensor:
+        return torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(x.shape[0])

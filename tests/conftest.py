@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from diffkit import analytic, paths
+from diffkit.precond import Precond, from_x0_eps
 
 ALL_PATHS = {
     "vp_linear": paths.VPLinear(),
@@ -30,3 +31,23 @@ def gauss3():
     g = torch.Generator().manual_seed(3)
     a = torch.randn(3, 3, generator=g, dtype=torch.float64)
     return analytic.GaussianMixture(torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64), (a @ a.T + 0.1 * torch.eye(3))[None])
+
+
+class OracleNet(torch.nn.Module):
+    """A 'network' whose output makes Precond(net, path, kind) equal the exact denoiser `exact` (plus `shift`)."""
+
+    def __init__(self, exact, path, kind, shift=0.0):
+        super().__init__()
+        self.exact, self.path, self.kind, self.shift = exact, path, kind, shift
+
+    def forward(self, x_in, c_noise, cond):
+        if self.kind == "edm":
+            sigma = torch.exp(4 * c_noise.to(torch.float64))
+            c_skip, c_out, c_in, _ = Precond(torch.nn.Identity(), self.path, "edm").scalings(sigma)
+            x = x_in / c_in[:, None]
+            return (self.exact(x, sigma) + self.shift - c_skip[:, None] * x) / c_out[:, None]
+        t = c_noise.to(torch.float64)
+        alpha, sigma = self.path.alpha(t)[:, None], self.path.sigma(t)
+        x = x_in / alpha
+        x0 = self.exact(x, sigma) + self.shift
+        return from_x0_eps(x0, (x - x0) / sigma[:, None], self.kind, t, self.path)

@@ -7,6 +7,8 @@ import torch
 from diffkit import analytic, paths
 from diffkit.precond import PREDICTIONS, Precond, convert, from_x0_eps, to_x0_eps
 
+from conftest import OracleNet
+
 
 def batch(path, n=16, d=5, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -60,22 +62,6 @@ def test_vp_eps_scalings_match_edm_vp_precond():
     torch.testing.assert_close(c_skip, torch.ones(3, dtype=torch.float64))
     torch.testing.assert_close(c_out, -sigma)
     torch.testing.assert_close(c_in, 1 / torch.sqrt(sigma**2 + 1))
-
-
-class OracleNet(torch.nn.Module):
-    """A 'network' that returns the exact GMM prediction of `kind` from the path's own inputs (x_t, t)."""
-
-    def __init__(self, gmm, path, kind):
-        super().__init__()
-        self.gmm, self.path, self.kind = gmm, path, kind
-
-    def forward(self, x_t, c_noise, cond):
-        t = c_noise.to(torch.float64)
-        alpha, sigma = self.path.alpha(t)[:, None], self.path.sigma(t)
-        x = x_t / alpha
-        x0 = self.gmm(x, sigma)
-        eps = (x - x0) / sigma[:, None]
-        return from_x0_eps(x0, eps, self.kind, t, self.path)
 
 
 @pytest.mark.parametrize("kind", PREDICTIONS)
