@@ -18,7 +18,8 @@ RANK = {
     "demo": 6,  # the jobs the CLI runs
     "cli": 7,
 }
-ISOLATED = {"nets": set(), "data": {"contracts", "_tensor"}, "train": {"contracts", "_tensor"}}  # allowed diffkit imports
+ISOLATED = {"nets": set(),  # nets import each other (own unit) and nothing else
+            "data": {"contracts", "_tensor"}, "train": {"contracts", "_tensor"}}  # allowed diffkit imports
 
 
 def unit(module: str) -> str:
