@@ -1,0 +1,119 @@
+"""Datasets as in-memory tensors: built-in 2-D toys, sklearn's digits, image folders, Hugging Face datasets.
+
+Images come back as (N, C, H, W) float32 in [-1, 1]; labels as (N,) int64 or None. This module imports no
+model code.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+TOYS = ("checkerboard", "moons", "8gaussians", "spirals", "swissroll")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def toy(name: str, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """n points (n, 2) float32 from a built-in 2-D distribution, roughly within [-4, 4]^2."""
+    g = generator
+    u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    z = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    if name == "checkerboard":  # uniform on the 8 dark squares of a 4 x 4 board of side 2
+        x = 8 * u(n) - 4
+        row = torch.randint(0, 2, (n,), generator=g) * 4
+        y = row + 2 * u(n) - 4 + 2 * (torch.floor((x + 4) / 2) % 2)
+        return torch.stack([x, y], 1)
+    if name == "moons":
+        t = math.pi * u(n)
+        upper = torch.rand(n, generator=g) < 0.5
+        pts = torch.where(upper[:, None], torch.stack([t.cos(), t.sin()], 1), torch.stack([1 - t.cos(), 0.5 - t.sin()], 1))
+        return 2 * (pts - torch.tensor([0.5, 0.25])) + 0.1 * z(n, 2)
+    if name == "8gaussians":
+        k = torch.randint(0, 8, (n,), generator=g) * (math.pi / 4)
+        return 3 * torch.stack([k.cos(), k.sin()], 1) + 0.3 * z(n, 2)
+    if name == "spirals":
+        t = 3 * math.pi * u(n).sqrt()
+        sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        return sign[:, None] * 0.35 * t[:, None] * torch.stack([t.cos(), t.sin()], 1) + 0.1 * z(n, 2)
+    if name == "swissroll":
+        t = 1.5 * math.pi * (1 + 2 * u(n))
+        return 0.3 * t[:, None] * torch.stack([t.cos(), t.sin()], 1) + 0.1 * z(n, 2)
+    raise ValueError(f"unknown toy dataset {name!r}; choose one of {TOYS}")
+
+
+def digits(split: str = "train", *, holdout: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """sklearn's 8x8 digits as (N, 1, 8, 8) in [-1, 1] with labels; a fixed stratified train / test split."""
+    from sklearn.datasets import load_digits
+
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 8 - 1  # pixel values are 0..16
+    y = torch.tensor(data.target, dtype=torch.long)
+    if split == "all":
+        return x, y
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(y), dtype=bool)
+    for c in range(10):
+        idx = np.flatnonzero(data.target == c)
+        test[rng.choice(idx, int(round(holdout * len(idx))), replace=False)] = True
+    keep = torch.from_numpy(test if split == "test" else ~test)
+    return x[keep], y[keep]
+
+
+def _to_tensor(image, size: int, channels: int) -> Tensor:
+    """Resize the short side to `size`, centre-crop to size x size, and scale to [-1, 1]."""
+    from PIL import Image
+
+    image = image.convert("RGB" if channels == 3 else "L")
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    arr = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+
+
+def image_folder(root: str | Path, size: int, *, channels: int = 3) -> tuple[Tensor, Tensor | None]:
+    """Every image under `root`; sub-folders of root are classes (labels in sorted order), else labels are None."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    images = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                images.append(_to_tensor(im, size, channels))
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"cannot read image {p}: {err}. Remove or fix the file.") from err
+    labels = torch.tensor([classes.index(p.relative_to(root).parts[0]) for p in files]) if classes and \
+        all(len(p.relative_to(root).parts) > 1 for p in files) else None
+    return torch.stack(images), labels
+
+
+def hf_dataset(name: str, size: int, *, split: str = "train", image_key: str = "image", label_key: str | None = "label",
+               channels: int = 3) -> tuple[Tensor, Tensor | None]:
+    """A Hugging Face `datasets` image dataset (pip install 'diffkit[hf]'), loaded from the local cache or the hub."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("hf_dataset needs the `datasets` package: pip install 'diffkit[hf]'") from err
+    ds = datasets.load_dataset(name, split=split)
+    if image_key not in ds.column_names:
+        raise ValueError(f"dataset {name} has no column {image_key!r}; columns: {ds.column_names}")
+    x = torch.stack([_to_tensor(im, size, channels) for im in ds[image_key]])
+    y = torch.tensor(ds[label_key]) if label_key and label_key in ds.column_names else None
+    return x, y

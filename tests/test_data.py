@@ -1,0 +1,65 @@
+import pytest
+import torch
+from PIL import Image
+
+from diffkit import data
+
+
+def test_checkerboard_lives_on_the_dark_squares():
+    x = data.toy("checkerboard", 20_000, torch.Generator().manual_seed(0))
+    assert x.abs().max() <= 4
+    cell = torch.floor((x + 4) / 2)
+    assert ((cell[:, 0] + cell[:, 1]) % 2 == 0).all()
+    counts = torch.bincount((cell[:, 0] * 4 + cell[:, 1]).long(), minlength=16)
+    assert (counts > 0).sum() == 8 and counts.max() / counts[counts > 0].min() < 1.2  # 8 squares, evenly
+
+
+@pytest.mark.parametrize("name", data.TOYS)
+def test_toys_are_seeded_and_bounded(name):
+    a = data.toy(name, 500, torch.Generator().manual_seed(1))
+    b = data.toy(name, 500, torch.Generator().manual_seed(1))
+    assert a.shape == (500, 2) and torch.equal(a, b) and a.abs().max() < 6 and a.std() > 0.5
+
+
+def test_digits_split():
+    xtr, ytr = data.digits("train")
+    xte, yte = data.digits("test")
+    assert xtr.shape[1:] == (1, 8, 8) and len(xtr) + len(xte) == 1797
+    assert xtr.min() == -1 and xtr.max() == 1
+    assert abs(len(xte) / 1797 - 0.2) < 0.01 and set(yte.tolist()) == set(range(10))
+    flat_tr, flat_te = xtr.reshape(len(xtr), -1), xte.reshape(len(xte), -1)
+    assert torch.cdist(flat_te[:50], flat_tr).min() >= 0  # split is well defined
+    torch.testing.assert_close(data.digits("test")[0], xte)  # deterministic
+
+
+def test_image_folder(tmp_path):
+    for cls, colour in (("cats", (255, 0, 0)), ("dogs", (0, 0, 255))):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (40, 20), colour).save(tmp_path / cls / "a.png")
+        Image.new("L", (16, 30), 128).save(tmp_path / cls / "b.jpg")
+    x, y = data.image_folder(tmp_path, 8)
+    assert x.shape == (4, 3, 8, 8) and y.tolist() == [0, 0, 1, 1]
+    torch.testing.assert_close(x[0, :, 4, 4], torch.tensor([1.0, -1.0, -1.0]))
+    grey, _ = data.image_folder(tmp_path, 8, channels=1)
+    assert grey.shape == (4, 1, 8, 8)
+
+
+def test_image_folder_errors_name_the_file(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        data.image_folder(tmp_path, 8)
+    with pytest.raises(ValueError, match="no images"):
+        data.image_folder(_empty(tmp_path), 8)
+    with pytest.raises(FileNotFoundError):
+        data.image_folder(tmp_path / "missing", 8)
+
+
+def _empty(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    return d
+
+
+def test_unknown_toy():
+    with pytest.raises(ValueError, match="unknown toy dataset 'circle'"):
+        data.toy("circle", 10)
