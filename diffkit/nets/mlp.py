@@ -23,6 +23,8 @@ class Block(nn.Module):
 class MLP(nn.Module):
     """dim -> width -> depth residual blocks -> dim. num_classes > 0 adds a label embedding (None = no label)."""
 
+    muon_exclude = ("inp", "out", "noise", "labels")  # input/output layers and embeddings stay on AdamW
+
     def __init__(self, dim: int, width: int = 256, depth: int = 4, emb: int = 128, num_classes: int = 0,
                  dropout: float = 0.0):
         super().__init__()

@@ -1,0 +1,108 @@
+"""Checkpoints: a directory per step with model.safetensors, ema.safetensors, state.safetensors, config.yaml.
+
+Nothing is ever unpickled: tensors live in safetensors files and everything else (step, optimizer
+hyper-parameters, counters) in JSON metadata or YAML. A checkpoint is written under a temporary name and
+renamed into place, so a crash mid-write leaves the previous checkpoints intact; only the newest `keep`
+are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, safe_open
+
+PREFIX = "step-"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizers: list[dict]
+    extra: dict
+    config: dict
+
+
+def _flatten_optimizers(states: list[dict]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Tensors keyed 'optimizer{i}.{param id}.{name}'; everything else as JSON-able metadata."""
+    tensors, metas = {}, []
+    for i, state in enumerate(states):
+        scalars = {}
+        for pid, entries in state["state"].items():
+            for name, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer{i}.{pid}.{name}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{pid}.{name}"] = value
+        metas.append({"param_groups": state["param_groups"], "scalars": scalars})
+    return tensors, metas
+
+
+def _unflatten_optimizers(tensors: dict[str, torch.Tensor], metas: list[dict]) -> list[dict]:
+    states: list[dict] = [{"state": {}, "param_groups": m["param_groups"]} for m in metas]
+    for key, value in tensors.items():
+        opt, pid, name = key.split(".", 2)
+        states[int(opt.removeprefix("optimizer"))]["state"].setdefault(int(pid), {})[name] = value
+    for state, meta in zip(states, metas):
+        for key, value in meta["scalars"].items():
+            pid, name = key.split(".", 1)
+            state["state"].setdefault(int(pid), {})[name] = value
+    return states
+
+
+def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def save(run_dir: Path, step: int, *, model: dict, ema: dict, optimizers: list[dict], extra: dict, config: dict,
+         keep: int = 3) -> Path:
+    """Write checkpoint `step` atomically under run_dir/checkpoints and prune all but the newest `keep`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"{PREFIX}{step:09d}", root / f".{PREFIX}{step:09d}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_contiguous(model), tmp / "model.safetensors")
+    save_file(_contiguous(ema), tmp / "ema.safetensors")
+    opt_tensors, opt_meta = _flatten_optimizers(optimizers)
+    meta = {"step": str(step), "extra": json.dumps(extra), "optimizers": json.dumps(opt_meta)}
+    save_file(opt_tensors or {"_empty": torch.zeros(0)}, tmp / "state.safetensors", metadata=meta)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob(f"{PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = sorted((Path(run_dir) / "checkpoints").glob(f"{PREFIX}*"))
+    return found[-1] if found else None
+
+
+def load(path: Path) -> Checkpoint:
+    """Read a checkpoint directory; a missing, corrupt or truncated file is a ValueError that names it."""
+    path = Path(path)
+    try:
+        model = load_file(path / "model.safetensors")
+        ema = load_file(path / "ema.safetensors")
+        tensors = load_file(path / "state.safetensors")
+        with safe_open(path / "state.safetensors", "pt") as f:
+            meta = f.metadata()
+        config = yaml.safe_load((path / "config.yaml").read_text())
+    except (SafetensorError, OSError, yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"checkpoint {path} is missing, corrupt or truncated ({err}); "
+                         "delete it to fall back to the previous checkpoint") from err
+    tensors.pop("_empty", None)
+    optimizers = _unflatten_optimizers(tensors, json.loads(meta["optimizers"]))
+    return Checkpoint(path, int(meta["step"]), model, ema, optimizers, json.loads(meta["extra"]), config)

@@ -1,0 +1,166 @@
+"""The training loop, generic in the objective: data -> objective(model, x0, cond) -> reduce -> step -> EMA.
+
+Reproducibility is by construction, not by saved RNG state: the data order of epoch e comes from a
+generator seeded by (seed, e), and every random draw of micro-batch j at step s (noise levels, eps,
+label dropout, dropout) from one seeded by (seed, s, j). So a resumed run repeats exactly what an
+uninterrupted one does, and a run on R processes (torchrun, DDP) processes the same micro-batches as one
+process with R times the gradient accumulation.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from diffkit.train import checkpoint, optim
+from diffkit.train.ema import EMA
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 1000
+    batch: int = 256  # global batch per optimizer step
+    micro_batch: int | None = None  # per forward/backward; default batch / world size
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    muon_lr: float = 0.02
+    weight_decay: float = 0.0
+    warmup: int = 100
+    cosine: bool = True
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    keep: int = 3
+    log_every: int = 50
+    seed: int = 0
+    max_nonfinite: int = 10  # consecutive skipped steps before the run stops
+    precision: str = "auto"  # "fp32", "bf16", or "auto" (bf16 autocast on CUDA)
+    compile: bool = False  # torch.compile the net (CUDA only)
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _batch_indices(step: int, batch: int, n: int, seed: int) -> Tensor:
+    """Positions [step*batch, (step+1)*batch) of the stream of per-epoch permutations of range(n)."""
+    pos = torch.arange(step * batch, (step + 1) * batch)
+    out = torch.empty(batch, dtype=torch.long)
+    for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, 1, epoch)))
+        mask = pos // n == epoch
+        out[mask] = perm[pos[mask] % n]
+    return out
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | None, settings: TrainSettings,
+          run_dir: Path, *, config: dict | None = None, progress: bool = True) -> EMA:
+    """Train `model` (a Precond) on (x, labels) and return its EMA; resumes from run_dir's latest checkpoint."""
+    run_dir = Path(run_dir)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    micro = settings.micro_batch or settings.batch // world
+    if settings.batch % (world * micro):
+        raise ValueError(f"batch {settings.batch} must be a multiple of world size {world} x micro_batch {micro}")
+    accum = settings.batch // (world * micro)
+    device = next(model.parameters()).device
+    use_bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
+
+    ema = EMA(model, settings.ema_decay)
+    opts = optim.build(model, settings.optimizer, lr=settings.lr, muon_lr=settings.muon_lr,
+                       weight_decay=settings.weight_decay)
+    start, skipped_total = 0, 0
+    found = checkpoint.latest(run_dir)
+    if found is not None:
+        ck = checkpoint.load(found)
+        model.load_state_dict(ck.model)
+        ema.load_state_dict(ck.ema)
+        if len(ck.optimizers) != len(opts):
+            raise ValueError(f"checkpoint {found} was written with another optimizer setting; use a new run folder")
+        for opt, state in zip(opts, ck.optimizers):
+            opt.load_state_dict(state)
+        start, skipped_total = ck.step, ck.extra.get("skipped_steps", 0)
+    raw_net = model.net
+    if settings.compile and device.type == "cuda":
+        model.net = torch.compile(model.net)
+    if world > 1:
+        model.net = nn.parallel.DistributedDataParallel(model.net)
+    model.train()
+
+    def save(step: int) -> None:
+        if rank == 0:
+            extra = {"skipped_steps": skipped_total, "settings": asdict(settings)}
+            checkpoint.save(run_dir, step, model={f"net.{k}": v for k, v in raw_net.state_dict().items()},
+                            ema=ema.state_dict(), optimizers=[opt.state_dict() for opt in opts], extra=extra,
+                            config=config or {}, keep=settings.keep)
+        if world > 1:
+            dist.barrier()
+
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log = (run_dir / "metrics.jsonl").open("a") if rank == 0 else None
+    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="training",
+               disable=not progress or rank != 0)
+    consecutive, t0 = 0, time.perf_counter()
+    for step in bar:
+        factor = optim.lr_factor(step, warmup=settings.warmup, total=settings.steps, cosine=settings.cosine)
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * factor
+        idx = _batch_indices(step, settings.batch, len(x), settings.seed)
+        total = torch.zeros((), device=device)
+        for k in range(accum):
+            j = rank * accum + k
+            chunk = idx[j * micro:(j + 1) * micro]
+            torch.manual_seed(_seed(settings.seed, 2, step, j))  # dropout and any other global draws
+            gen = torch.Generator(device).manual_seed(_seed(settings.seed, 3, step, j))
+            cond = labels[chunk].to(device) if labels is not None else None
+            # DDP syncs gradients on the last micro-batch only.
+            sync_ctx = model.net.no_sync() if world > 1 and k < accum - 1 else contextlib.nullcontext()
+            with sync_ctx:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss = objective(model, x[chunk].to(device), cond, generator=gen).mean() / accum
+                loss.backward()
+            total += loss.detach()
+        if world > 1:
+            dist.all_reduce(total)
+            total /= world
+        if torch.isfinite(total):
+            consecutive = 0
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            for opt in opts:
+                opt.step()
+            ema.update(model)
+        else:  # skip the step, keep count, stop after too many in a row
+            consecutive, skipped_total = consecutive + 1, skipped_total + 1
+            if consecutive >= settings.max_nonfinite:
+                raise NonFiniteLoss(f"{consecutive} non-finite losses in a row at step {step}; stopped. The last good "
+                                    f"checkpoint is {checkpoint.latest(run_dir)}. Lower the learning rate or check the data.")
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        if log is not None and consecutive == 0 and ((step + 1) % settings.log_every == 0 or step + 1 == settings.steps):
+            rate = settings.batch * (step + 1 - start) / (time.perf_counter() - t0)
+            row = {"step": step + 1, "loss": total.item(), "lr": opts[0].param_groups[0]["lr"],
+                   "grad_norm": grad_norm.item(), "skipped_steps": skipped_total, "samples_per_s": rate}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+            save(step + 1)
+    if log is not None:
+        log.close()
+    model.net = raw_net
+    return ema

@@ -1,0 +1,111 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffkit.train import checkpoint, optim
+from diffkit.train.loop import NonFiniteLoss, TrainSettings, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _run import job  # noqa: E402
+
+SCRIPT = str(Path(__file__).parent / "_run.py")
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    ref_model, ref_ema = job(tmp_path / "ref", steps=30, micro=64)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, SCRIPT, str(run), "30", "64", "0.05"])
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ck = checkpoint.latest(run)
+        if ck is not None and checkpoint.load(ck).step >= 10:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stopped = checkpoint.load(checkpoint.latest(run)).step
+    assert 10 <= stopped < 30, f"the kill came too late (step {stopped})"
+    model, ema = job(run, steps=30, micro=64)  # resumes from the latest checkpoint
+    for k, v in weights(ref_model).items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=1e-6)
+    for k, v in ref_ema.state_dict().items():
+        torch.testing.assert_close(ema.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    SCRIPT, str(tmp_path / "ddp"), "12", "32", "0"], check=True, env=env, timeout=300)
+    r0, r1 = (load_file(tmp_path / "ddp" / f"final-rank{r}.safetensors") for r in (0, 1))
+    single, _ = job(tmp_path / "single", steps=12, micro=32)  # same global batch, 2 micro-batches accumulated
+    for k, v in single.state_dict().items():
+        assert torch.equal(r0[k], r1[k]), f"ranks drifted apart in {k}"
+        torch.testing.assert_close(r0[k], v, rtol=0, atol=1e-6)
+
+
+class Flaky:
+    """An objective that returns NaN on chosen steps (counted by calls)."""
+
+    def __init__(self, bad):
+        self.calls, self.bad = 0, bad
+
+    def __call__(self, model, x0, cond=None, *, generator=None):
+        self.calls += 1
+        out = model(x0, torch.ones(len(x0)))
+        loss = ((out - x0) ** 2).mean(1)
+        return loss * float("nan") if self.bad(self.calls) else loss
+
+
+def tiny_model():
+    from diffkit import paths
+    from diffkit.nets.mlp import MLP
+    from diffkit.precond import Precond
+
+    torch.manual_seed(0)
+    return Precond(MLP(2, width=16, depth=1), paths.EDM(), "edm")
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
+    settings = TrainSettings(steps=12, batch=8, warmup=1, log_every=12, checkpoint_every=12)
+    train(tiny_model(), Flaky(lambda c: c % 3 == 0), torch.randn(32, 2), None, settings, tmp_path, progress=False)
+    ck = checkpoint.load(checkpoint.latest(tmp_path))
+    assert ck.step == 12 and ck.extra["skipped_steps"] == 4
+
+
+def test_too_many_nonfinite_stops_and_keeps_last_good_checkpoint(tmp_path):
+    settings = TrainSettings(steps=20, batch=8, warmup=1, checkpoint_every=5, max_nonfinite=3)
+    with pytest.raises(NonFiniteLoss, match="3 non-finite losses in a row.*step-000000005"):
+        train(tiny_model(), Flaky(lambda c: c > 6), torch.randn(32, 2), None, settings, tmp_path, progress=False)
+    assert checkpoint.load(checkpoint.latest(tmp_path)).step == 5
+
+
+def test_muon_option_trains(tmp_path):
+    model, _ = job(tmp_path, steps=20, micro=64, optimizer="muon")
+    ck = checkpoint.load(checkpoint.latest(tmp_path))
+    assert len(ck.optimizers) == 2  # Muon for hidden matrices, AdamW for the rest
+    opts = optim.build(model, "muon")
+    muon_ids = {id(p) for g in opts[1].param_groups for p in g["params"]}
+    assert id(model.net.blocks[0].ff[0].weight) in muon_ids and id(model.net.inp.weight) not in muon_ids
+
+
+def test_lr_schedule():
+    assert optim.lr_factor(0, warmup=10, total=100) == 0.1
+    assert optim.lr_factor(9, warmup=10, total=100) == 1.0
+    assert abs(optim.lr_factor(55, warmup=10, total=100) - 0.5) < 1e-12
+    assert optim.lr_factor(100, warmup=10, total=100) == 0.0
+
+
+def test_bad_batch_split(tmp_path):
+    with pytest.raises(ValueError, match="multiple of world size"):
+        train(tiny_model(), Flaky(lambda c: False), torch.randn(32, 2), None, TrainSettings(batch=10, micro_batch=4), tmp_path)
