@@ -1,12 +1,15 @@
-"""The `diffkit` command: `demo` and `bench NAME`.
+"""The `diffkit` command: demo, train, sample, eval, bench.
 
 `bench` runs a benchmark script from the source checkout's benchmarks/ folder (benchmarks are not part of
-the installed package); everything after the benchmark's name is passed to it.
+the installed package); everything after the benchmark's name is passed to it. `train` under torchrun
+joins the process group (gloo on CPU, nccl on CUDA) and trains with DDP.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,25 +36,80 @@ def bench(name: str, argv: list[str]) -> int:
     return module.main(argv)
 
 
+def _train(args) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from diffkit import config, run
+
+    cfg = config.load(args.config, args.overrides)
+    out = args.out or Path("runs") / Path(args.config or "default").stem
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    folder = run.train_run(cfg, out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    print(f"trained: {folder}/report.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffkit", description="Diffusion and flow models under one roof.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the sampler stack on the built-in exact target and write a report")
-    demo.add_argument("--out", type=Path, default=Path("runs"), help="folder for the run (default: runs/)")
+
+    demo = sub.add_parser("demo", help="train the built-in digits default on CPU, sample it, write a report")
+    demo.add_argument("--out", type=Path, default=Path("runs"), help="parent folder for the run (default: runs/)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--fast", action="store_true", help="a seconds-long variant (fewer samples)")
+    demo.add_argument("--fast", action="store_true", help="a seconds-long variant")
+
+    tr = sub.add_parser("train", help="train from a YAML config (configs/*.yaml), with key=value overrides")
+    tr.add_argument("config", nargs="?", help="YAML file; omit for the built-in digits default")
+    tr.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4 model.net=unet")
+    tr.add_argument("--out", type=Path, help="run folder (default: runs/<config name>); resumes if it exists")
+
+    for name, text in (("sample", "sample a trained run"), ("eval", "sample a run and score it against held-out data")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run", type=Path, help="run folder")
+        p.add_argument("--sampler", help="default: the run's config")
+        p.add_argument("--steps", type=int, help="grid steps (default: the run's config)")
+        p.add_argument("--n", type=int, default=64 if name == "sample" else 1000)
+        p.add_argument("--seed", type=int, default=0)
+        if name == "sample":
+            p.add_argument("--guidance", type=float, help="classifier-free guidance w (1 = plain conditional)")
+            p.add_argument("--label", type=int, help="class to sample (conditional runs)")
+            p.add_argument("--out", type=Path, help="output folder (default: inside the run)")
+
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ and write benchmarks/results/")
     b.add_argument("name", help=f"one of: {', '.join(BENCHMARKS)}")
     b.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
     args = parser.parse_args(argv)
 
-    if args.command == "demo":
-        from diffkit import demo as demo_job
+    try:
+        if args.command == "demo":
+            from diffkit import demo as demo_job
 
-        folder = demo_job.run(args.out, seed=args.seed, fast=args.fast)
-        print(f"demo finished: {folder}/report.md (samples.png, error_vs_nfe.png, metrics.json)")
-        return 0
-    return bench(args.name, args.args)
+            folder = demo_job.main(args.out, seed=args.seed, fast=args.fast)
+            print(f"demo finished: {folder}/report.md (samples.png, loss_curve.png, metrics.json)")
+            return 0
+        if args.command == "train":
+            return _train(args)
+        if args.command == "sample":
+            from diffkit import run
+
+            folder = run.sample_run(args.run, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
+                                    guidance=args.guidance, label=args.label, out=args.out)
+            print(f"samples: {folder}/samples.png")
+            return 0
+        if args.command == "eval":
+            from diffkit import run
+
+            print(json.dumps(run.eval_run(args.run, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed), indent=2))
+            return 0
+        return bench(args.name, args.args)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"diffkit {args.command}: {err}") from err
 
 
 if __name__ == "__main__":

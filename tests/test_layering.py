@@ -9,14 +9,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "diffkit"
 # Rank of each top-level unit; a module may import units of strictly lower rank (and its own package).
 # analytic sits above samplers: its exact flow is the rk45 sampler at a tight tolerance.
 RANK = {
-    "_tensor": 0, "contracts": 0,
+    "_tensor": 0, "contracts": 0, "nets": 0, "data": 0,
     "paths": 1,
     "grids": 2, "precond": 2,
     "objectives": 3, "samplers": 3,
     "analytic": 4, "onestep": 4, "codecs": 4, "flows": 4,
     "train": 5, "eval": 5,
-    "demo": 6,  # the jobs the CLI runs
-    "cli": 7,
+    # The jobs the CLI runs, each above what it uses.
+    "config": 6, "report": 6, "generate": 7, "run": 8, "demo": 9,
+    "cli": 10,
 }
 ISOLATED = {"nets": set(),  # nets import each other (own unit) and nothing else
             "data": {"contracts", "_tensor"}, "train": {"contracts", "_tensor"}}  # allowed diffkit imports

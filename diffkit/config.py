@@ -1,0 +1,218 @@
+"""Run configs: YAML files mapped onto dataclasses, overridden by `key=value`, and built into objects.
+
+A mistyped key is an error naming the nearest valid key. The defaults are the built-in digits recipe
+(`diffkit demo`); configs/*.yaml in the repository are the named recipes. The config is saved with every
+checkpoint, so sampling always uses the path, parametrization and training density the model was trained with.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from diffkit import data as datasets
+from diffkit import paths
+from diffkit.objectives import Denoising
+from diffkit.precond import Precond
+from diffkit.train.loop import TrainSettings
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # a toy name, "digits", "folder" or "hf"
+    source: str | None = None  # folder path or Hugging Face dataset name
+    size: int | None = None  # image side for folder / hf
+    channels: int = 3
+    n: int = 20000  # points drawn for a toy
+    conditional: bool = False  # train with labels (and label dropout for guidance)
+
+
+@dataclass
+class ModelConfig:
+    net: str = "mlp"  # mlp | unet | dit
+    args: dict = field(default_factory=lambda: {"width": 512, "depth": 4})
+    path: str = "edm"  # vp_linear | vp_cosine | ve | edm | rectified_flow
+    shift: float = 1.0  # log-SNR shift scale (Shifted path) when != 1
+    prediction: str = "edm"  # eps | x0 | v | velocity | score | edm
+    sigma_data: float = 0.5
+
+
+@dataclass
+class ObjectiveConfig:
+    density: str = "lognormal"  # uniform | lognormal | logit_normal
+    density_args: dict = field(default_factory=dict)
+    weighting: str = "uniform"  # uniform | edm | min_snr
+    min_snr_gamma: float = 5.0
+    label_dropout: float = 0.1  # used only when data.conditional
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "heun"
+    steps: int = 18
+    grid: str = "karras"  # karras | uniform_t | log_snr
+    rho: float = 7.0
+    sigma_min: float | None = None  # default: the path's range
+    sigma_max: float | None = None
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(
+        steps=4000, batch=256, lr=1e-3, warmup=200, ema_decay=0.999, checkpoint_every=1000, log_every=50))
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+PATHS = {"vp_linear": paths.VPLinear, "vp_cosine": paths.VPCosine, "ve": paths.VE, "edm": paths.EDM,
+         "rectified_flow": paths.RectifiedFlow}
+DENSITIES = {"uniform": paths.Uniform, "lognormal": paths.LogNormal, "logit_normal": paths.LogitNormal}
+
+
+def _unknown(key: str, valid, where: str) -> ValueError:
+    near = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(valid)}"
+    return ValueError(f"unknown key {key!r} in {where}{hint}")
+
+
+def _coerce(value, annotation: str, where: str):
+    """YAML 1.1 reads 3e-4 as a string: convert to the field's number type, or say what is wrong."""
+    if isinstance(value, bool) or value is None:
+        return value
+    for name, kind in (("float", float), ("int", int)):
+        if annotation.split(" | ")[0] == name and not isinstance(value, kind):
+            try:
+                return kind(value) if name == "float" or not isinstance(value, float) else int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where} must be a number ({name}), got {value!r}") from None
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown(key, fields, where)
+        sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        nested = sub is not None and dataclasses.is_dataclass(sub())
+        kwargs[key] = _build(type(sub()), value, f"{where}.{key}") if nested else _coerce(value, str(fields[key].type), f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def from_dict(values: dict) -> Config:
+    """Config from nested dicts; missing keys take the defaults, unknown keys are errors."""
+    default = dataclasses.asdict(Config())
+    return _build(Config, _merge(default, values or {}), "config")
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("args", "density_args") else v
+    return out
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (None = the defaults) and apply `section.key=value` overrides (values parsed as YAML)."""
+    values = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        values = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        node = values
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw)
+    return from_dict(values)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dataset(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training (or held-out 'test') data: images (N, C, H, W) in [-1, 1] or vectors (N, d)."""
+    d = cfg.data
+    if d.name == "digits":
+        x, y = datasets.digits(split)
+    elif d.name in datasets.TOYS:
+        x, y = datasets.toy(d.name, d.n, torch.Generator().manual_seed(0 if split == "train" else 1)), None
+    elif d.name == "folder":
+        x, y = datasets.image_folder(d.source, d.size, channels=d.channels)
+    elif d.name == "hf":
+        x, y = datasets.hf_dataset(d.source, d.size, split=split, channels=d.channels)
+    else:
+        raise ValueError(f"unknown data.name {d.name!r}; use digits, folder, hf or a toy: {', '.join(datasets.TOYS)}")
+    return x, (y if d.conditional else None)
+
+
+def _net_class(name: str):
+    if name == "mlp":
+        from diffkit.nets.mlp import MLP
+        return MLP
+    if name == "unet":
+        from diffkit.nets.unet import UNet
+        return UNet
+    if name == "dit":
+        from diffkit.nets.dit import DiT
+        return DiT
+    raise ValueError(f"unknown model.net {name!r}; choose mlp, unet or dit")
+
+
+def num_classes(cfg: Config, labels: torch.Tensor | None) -> int:
+    return int(labels.max()) + 1 if labels is not None else 0
+
+
+def model(cfg: Config, sample_shape: tuple[int, ...], n_classes: int) -> Precond:
+    """The Precond-wrapped network for data of per-sample shape `sample_shape`."""
+    m = cfg.model
+    if m.path not in PATHS:
+        raise ValueError(f"unknown model.path {m.path!r}; choose one of {', '.join(PATHS)}")
+    cls = _net_class(m.net)
+    params = inspect.signature(cls).parameters
+    for key in m.args:
+        if key not in params:
+            raise _unknown(key, [p for p in params if p not in ("dim", "in_channels", "image_size", "num_classes")],
+                           f"model.args of {m.net}")
+    if m.net == "mlp":
+        net = cls(int(torch.tensor(sample_shape).prod()), num_classes=n_classes, **m.args)
+    else:
+        net = cls(in_channels=sample_shape[0], image_size=sample_shape[-1], num_classes=n_classes, **m.args)
+    return Precond(net, path(cfg), m.prediction, sigma_data=m.sigma_data)
+
+
+def path(cfg: Config) -> paths.Path:
+    base = PATHS[cfg.model.path]()
+    return base if cfg.model.shift == 1 else paths.Shifted(base, cfg.model.shift)
+
+
+def objective(cfg: Config, n_classes: int) -> Denoising:
+    o = cfg.objective
+    if o.density not in DENSITIES:
+        raise ValueError(f"unknown objective.density {o.density!r}; choose one of {', '.join(DENSITIES)}")
+    dropout = o.label_dropout if cfg.data.conditional else 0.0
+    return Denoising(path(cfg), density=DENSITIES[o.density](**o.density_args), weighting=o.weighting,
+                     min_snr_gamma=o.min_snr_gamma, label_dropout=dropout, null=n_classes if dropout else None)
+
+
+def describe(cfg: Config) -> dict[str, Any]:
+    """The facts a reader of a report needs, in one line each."""
+    return {"data": cfg.data.name, "net": cfg.model.net, "path": cfg.model.path, "prediction": cfg.model.prediction,
+            "density": cfg.objective.density, "weighting": cfg.objective.weighting, "steps": cfg.train.steps}

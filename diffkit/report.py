@@ -1,0 +1,75 @@
+"""What a run folder shows a person: image grids, scatter plots, loss curves, report.md; all written atomically."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def image_grid(x: torch.Tensor, cols: int | None = None) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> one (rows*H, cols*W, C) uint8 mosaic with 1-pixel gaps."""
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    n, h, w, c = x.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    out = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        out[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = x[i]
+    return out
+
+
+def panels(path: Path, sets: dict[str, torch.Tensor], *, title: str = "") -> None:
+    """Side-by-side panels, one per named set: image mosaics for (N, C, H, W), scatter plots for (N, 2)."""
+    fig, axes = plt.subplots(1, len(sets), figsize=(2.6 * len(sets), 2.9), squeeze=False)
+    for ax, (name, x) in zip(axes[0], sets.items()):
+        if x.ndim == 4:
+            grid = image_grid(x[:64])
+            ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", interpolation="nearest")
+        else:
+            ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5)
+            ax.set_xlim(-4.5, 4.5), ax.set_ylim(-4.5, 4.5), ax.set_aspect("equal")
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def loss_curve(metrics_jsonl: Path, path: Path) -> None:
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step"), ax.set_ylabel("training loss (per-sample mean)"), ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table of the given columns; floats to 4 significant digits."""
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""The jobs behind `diffkit train | sample | eval`: each reads or writes one run folder.
+
+A run folder holds config.yaml (the resolved config plus the data's shape and class count),
+checkpoints/, metrics.jsonl, loss_curve.png, samples.png and report.md. Training resumes when the folder
+already has checkpoints made with the same config (only train.steps may grow).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from diffkit import config as configs
+from diffkit import generate, report
+from diffkit.config import Config
+from diffkit.eval import metrics
+from diffkit.precond import Precond
+from diffkit.train import checkpoint
+from diffkit.train.loop import train
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _run_info(cfg: Config, x: torch.Tensor, n_classes: int) -> dict:
+    return {"config": configs.to_dict(cfg), "shape": list(x.shape[1:]), "num_classes": n_classes}
+
+
+def _check_same_config(run_dir: Path, info: dict) -> None:
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.exists():
+        return
+    saved = yaml.safe_load(saved_file.read_text())
+    for d in (saved, info):
+        d["config"]["train"].pop("steps", None)
+    if saved != info:
+        raise ValueError(f"{run_dir} holds a run made with a different config; pass a new --out folder "
+                         "(or the same config to resume; only train.steps may change)")
+
+
+def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
+    """Train cfg in run_dir (resuming if it has checkpoints), then write samples, loss curve and report."""
+    run_dir = Path(run_dir)
+    x, y = configs.dataset(cfg, "train")
+    n_classes = configs.num_classes(cfg, y)
+    info = _run_info(cfg, x, n_classes)
+    _check_same_config(run_dir, json.loads(json.dumps(info)))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    report.atomic_write(run_dir / "config.yaml", yaml.safe_dump(info, sort_keys=False))
+    torch.manual_seed(cfg.train.seed)
+    model = configs.model(cfg, tuple(x.shape[1:]), n_classes).to(_device())
+    ema = train(model, configs.objective(cfg, n_classes), x, y, cfg.train, run_dir, config=info, progress=progress)
+    report.loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+    samples, nfe = generate.sample(ema.model, cfg, tuple(x.shape[1:]), 64, n_classes=n_classes, progress=progress)
+    title = f"{cfg.sample.sampler}, {nfe} NFE, EMA weights after {cfg.train.steps} steps"
+    report.panels(run_dir / "samples.png", {"training data": x[:64], "samples": samples}, title=title)
+    facts = configs.describe(cfg)
+    report.atomic_write(run_dir / "report.md", "\n".join([
+        f"# Training run {run_dir.name}", "", report.table([facts], list(facts)), "",
+        "![loss](loss_curve.png)", "", f"![samples](samples.png) ({title})", ""]))
+    return run_dir
+
+
+def load_run(run_dir: Path) -> tuple[Config, Precond, tuple[int, ...], int]:
+    """(config, EMA model on the best device, per-sample shape, class count) of a run's latest checkpoint."""
+    run_dir = Path(run_dir)
+    found = checkpoint.latest(run_dir)
+    if found is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoints: train it first with `diffkit train`")
+    ck = checkpoint.load(found)
+    cfg = configs.from_dict(ck.config["config"])
+    shape, n_classes = tuple(ck.config["shape"]), ck.config["num_classes"]
+    model = configs.model(cfg, shape, n_classes)
+    model.load_state_dict(ck.ema)
+    return cfg, model.to(_device()).eval(), shape, n_classes
+
+
+def sample_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, seed: int,
+               guidance: float | None = None, label: int | None = None, out: Path | None = None,
+               progress: bool = True) -> Path:
+    """Sample a trained run; writes samples.png, samples.safetensors and report.md into `out`."""
+    cfg, model, shape, n_classes = load_run(run_dir)
+    name = sampler or cfg.sample.sampler
+    x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, seed=seed, guidance=guidance,
+                             label=label, n_classes=n_classes, progress=progress)
+    out = Path(out or Path(run_dir) / f"samples-{name}-{nfe}nfe-seed{seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"samples": x.contiguous()}, out / "samples.safetensors")
+    title = f"{name}, {nfe} NFE, seed {seed}" + (f", label {label}" if label is not None else "") + \
+        (f", guidance w={guidance}" if guidance is not None else "")
+    report.panels(out / "samples.png", {"samples": x}, title=title)
+    report.atomic_write(out / "report.md", f"# Samples of {Path(run_dir).name}\n\n{title}\n\n![samples](samples.png)\n")
+    return out
+
+
+def evaluate(cfg: Config, samples: torch.Tensor) -> dict:
+    """Distances between samples and held-out data: classifier FD/KID for digits, sliced W / MMD / energy for vectors."""
+    held, _ = configs.dataset(cfg, "test")
+    if cfg.data.name == "digits":
+        return {"digits_fd": metrics.digits_fd(samples, held), "digits_kid": metrics.digits_kid(samples, held)}
+    n = min(len(samples), len(held))
+    g = torch.Generator().manual_seed(0)
+    return {"sliced_wasserstein": metrics.sliced_wasserstein(samples[:n], held[:n], generator=g),
+            "energy_distance": metrics.energy_distance(samples[:n], held[:n]), "mmd": metrics.mmd(samples[:n], held[:n])}
+
+
+def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, seed: int, progress: bool = True) -> dict:
+    """Sample n and score them against the held-out split; writes eval-<sampler>-<nfe>.json in the run folder."""
+    cfg, model, shape, n_classes = load_run(run_dir)
+    name = sampler or cfg.sample.sampler
+    x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, seed=seed, progress=progress)
+    result = {"sampler": name, "nfe": nfe, "n": n, "seed": seed, **evaluate(cfg, x)}
+    report.atomic_write(Path(run_dir) / f"eval-{name}-{nfe}nfe.json", json.dumps(result, indent=2))
+    return result
