@@ -63,3 +63,31 @@ def _empty(tmp_path):
 def test_unknown_toy():
     with pytest.raises(ValueError, match="unknown toy dataset 'circle'"):
         data.toy("circle", 10)
+
+
+def test_hf_dataset_converts_images_and_labels(monkeypatch):
+    # A stand-in for the `datasets` package (no network here): the loader's own conversion is what is tested.
+    import sys
+    import types
+
+    class Fake:
+        column_names = ["img", "label"]
+
+        def __getitem__(self, key):
+            return [Image.new("RGB", (12, 10), (0, 255, 0))] * 3 if key == "img" else [4, 1, 4]
+
+    fake = types.SimpleNamespace(load_dataset=lambda name, split: Fake())
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    x, y = data.hf_dataset("someone/flowers", 8, image_key="img")
+    assert x.shape == (3, 3, 8, 8) and y.tolist() == [4, 1, 4]
+    torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([-1.0, 1.0, -1.0]))
+    with pytest.raises(ValueError, match="no column 'image'"):
+        data.hf_dataset("someone/flowers", 8)
+
+
+def test_hf_dataset_without_the_package_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match=r"pip install 'diffkit\[hf\]'"):
+        data.hf_dataset("x", 8)
