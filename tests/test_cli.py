@@ -1,6 +1,19 @@
+import json
+
 import pytest
 
 from diffkit import cli
+
+
+def test_demo_fast_writes_every_promised_file(tmp_path):
+    assert cli.main(["demo", "--fast", "--out", str(tmp_path)]) == 0
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    names = {p.name for p in run.iterdir()}
+    assert {"samples.png", "loss_curve.png", "metrics.json", "report.md", "config.yaml", "checkpoints"} <= names
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["samples"]) == 6 and {r["sampler"] for r in metrics["samples"]} == {"euler", "heun", "dpmpp_2m"}
+    assert 0 < metrics["real_data_floor"]["digits_fd"] < 2
+    assert "| dpmpp_2m |" in (run / "report.md").read_text()
 
 
 def test_bench_unknown_name_is_an_error():
