@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-BENCHMARKS = {"samplers": "sampler_accuracy.py"}
+BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py"}
 
 
 def _benchmarks_dir() -> Path | None:

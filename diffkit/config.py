@@ -36,7 +36,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     net: str = "mlp"  # mlp | unet | dit
-    args: dict = field(default_factory=lambda: {"width": 512, "depth": 4})
+    args: dict = field(default_factory=lambda: {"width": 256, "depth": 4})
     path: str = "edm"  # vp_linear | vp_cosine | ve | edm | rectified_flow
     shift: float = 1.0  # log-SNR shift scale (Shifted path) when != 1
     prediction: str = "edm"  # eps | x0 | v | velocity | score | edm
@@ -68,7 +68,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainSettings = field(default_factory=lambda: TrainSettings(
-        steps=4000, batch=256, lr=1e-3, warmup=200, ema_decay=0.999, checkpoint_every=1000, log_every=50))
+        steps=3000, batch=256, lr=1e-3, warmup=200, ema_decay=0.999, checkpoint_every=1000, log_every=50))
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 

@@ -1,1 +1,2 @@
-"""Evaluation: distances between sample sets (metrics.py)."""
+"""Evaluation: distances between sample sets (metrics.py), the digits feature classifier (digits.py), FID with
+local Inception weights (inception.py)."""

@@ -4,14 +4,12 @@ Energy distance (Székely & Rizzo 2013) and MMD (Gretton et al. 2012, Eq. 3, unb
 from all pairs; sliced Wasserstein (Rabin et al. 2011) averages exact 1-D W2 over random directions. In a
 feature space: the Fréchet distance between fitted Gaussians (Heusel et al. 2017, the FID formula) and KID,
 the unbiased MMD with the kernel (a.b/d + 1)^3 averaged over subsets (Bińkowski et al. 2018, §4); for digits
-the features are those of the shipped classifier (diffkit.eval.digits).
+the features are those of the shipped classifier (diffkit.eval.digits). FID proper, with Inception-v3 weights
+from a local file, is diffkit.eval.inception.
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-import scipy.linalg
 import torch
 from torch import Tensor
 
@@ -56,16 +54,26 @@ def sliced_wasserstein(x: Tensor, y: Tensor, *, n_projections: int = 256, genera
     return float(((px - py) ** 2).mean().sqrt())
 
 
+def _psd_sqrt_eigenvalues(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return np.sqrt(np.clip(w, 0, None)), v  # rounding can leave tiny negative eigenvalues
+
+
 def frechet_from_moments(mu1: Tensor, s1: Tensor, mu2: Tensor, s2: Tensor) -> float:
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)): the squared W2 distance between two Gaussians."""
-    mu1, s1, mu2, s2 = (np.asarray(torch.as_tensor(v, dtype=torch.float64)) for v in (mu1, s1, mu2, s2))
-    with warnings.catch_warnings():  # a singular product is handled below
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        root = scipy.linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(root).all():  # near-singular product: regularise both, as FID implementations do
-        eye = 1e-6 * np.eye(len(s1))
-        root = scipy.linalg.sqrtm((s1 + eye) @ (s2 + eye))
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root.real))
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2): the squared W2 distance between two Gaussians.
+
+    The FID reference code takes scipy.linalg.sqrtm(S1 S2), a Schur method on a non-symmetric product: ~27 s at
+    d = 2048 here, with spurious imaginary parts and a fallback for singular covariances. The trace needs only
+    eigenvalues, and S1^1/2 S2 S1^1/2 has those of S1 S2 while being symmetric PSD, so eigh gives it exactly,
+    ~5x faster, real, and well defined for singular (rank < d) covariances as well.
+    """
+    mu1, s1, mu2, s2 = (np.asarray(torch.as_tensor(v, dtype=torch.float64).cpu()) for v in (mu1, s1, mu2, s2))
+    if s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)) or mu1.shape != mu2.shape:
+        raise ValueError(f"moments differ in shape: mu {mu1.shape}, {mu2.shape}; S {s1.shape}, {s2.shape}")
+    root_w, v = _psd_sqrt_eigenvalues(s1)
+    root1 = (v * root_w) @ v.T
+    tr_root, _ = _psd_sqrt_eigenvalues(root1 @ s2 @ root1)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_root.sum())
 
 
 def frechet_distance(x: Tensor, y: Tensor) -> float:
@@ -74,8 +82,9 @@ def frechet_distance(x: Tensor, y: Tensor) -> float:
     return frechet_from_moments(x.mean(0), torch.cov(x.T).reshape(x.shape[1], -1), y.mean(0), torch.cov(y.T).reshape(y.shape[1], -1))
 
 
-def kid(x: Tensor, y: Tensor, *, subsets: int = 50, subset_size: int = 500, seed: int = 0) -> float:
-    """Kernel inception distance: mean over random subsets of the unbiased MMD^2 with (a.b/d + 1)^3."""
+def kid_subsets(x: Tensor, y: Tensor, *, subsets: int = 50, subset_size: int = 500, seed: int = 0) -> Tensor:
+    """(subsets,) unbiased MMD^2 estimates with the kernel (a.b/d + 1)^3, each on random subsets of x and y
+    (without replacement, at most subset_size each); their mean is KID and their spread its error bar."""
     x, y = _pair(x, y)
     m = min(subset_size, len(x), len(y))
     g = torch.Generator().manual_seed(seed)
@@ -85,7 +94,12 @@ def kid(x: Tensor, y: Tensor, *, subsets: int = 50, subset_size: int = 500, seed
         a = x[torch.randperm(len(x), generator=g)[:m]]
         b = y[torch.randperm(len(y), generator=g)[:m]]
         values.append(_mean_offdiag(kern(a, a)) + _mean_offdiag(kern(b, b)) - 2 * kern(a, b).mean())
-    return float(torch.stack(values).mean())
+    return torch.stack(values)
+
+
+def kid(x: Tensor, y: Tensor, *, subsets: int = 50, subset_size: int = 500, seed: int = 0) -> float:
+    """Kernel inception distance: the mean of kid_subsets."""
+    return float(kid_subsets(x, y, subsets=subsets, subset_size=subset_size, seed=seed).mean())
 
 
 def digits_fd(x: Tensor, y: Tensor) -> float:

@@ -22,6 +22,7 @@ from torch import Tensor
 from diffkit.contracts import Denoiser
 from diffkit.samplers.base import Callback, denoise, prepare
 from diffkit.samplers.noise import resolve
+from diffkit.samplers.sde import dpmpp_2m_sde
 
 
 def euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, noise=None,
@@ -61,19 +62,9 @@ def heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, noise
 
 def dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, noise=None,
              callback: Callback | None = None) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): a 2-step exponential integrator with the midpoint correction."""
-    s = prepare(x, sigmas)
-    old, h_last = None, None
-    for i in range(len(s) - 1):
-        x0_hat = denoise(denoiser, x, s[i], callback, i)
-        if s[i + 1] == 0:
-            x = x0_hat
-            continue
-        h = math.log(s[i] / s[i + 1])
-        d = x0_hat if old is None else (1 + h / (2 * h_last)) * x0_hat - h / (2 * h_last) * old
-        x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d
-        old, h_last = x0_hat, h
-    return x
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): the eta = 0 (noise-free) case of `dpmpp_2m_sde`, where
+    x' = (s'/s) x + (1 - s'/s) [(1 + h/(2 h_last)) D - h/(2 h_last) D_last], h = log(s/s')."""
+    return dpmpp_2m_sde(denoiser, x, sigmas, callback=callback, eta=0.0)
 
 
 def _phi_moments(h: float, k: int) -> np.ndarray:
