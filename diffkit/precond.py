@@ -110,14 +110,18 @@ class Precond(nn.Module):
             c_skip, c_out = one, sigma * b
         return c_skip, c_out, a, t
 
-    def raw(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
-        """The network's own output F(c_in x, c_noise, cond), what objectives regress."""
-        _, _, c_in, c_noise = self.scalings(self._sigma(x, sigma))
-        return self.net(per_sample(c_in, x) * x, c_noise.to(x.dtype), cond).to(x.dtype)
+    def raw(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, *, extra: Tensor | None = None) -> Tensor:
+        """The network's own output F(c_in x, c_noise, cond), what objectives regress.
 
-    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        extra: (B, k) further scalars for nets built with extra_scalars = k (a shortcut model's step size).
+        """
+        _, _, c_in, c_noise = self.scalings(self._sigma(x, sigma))
+        kwargs = {} if extra is None else {"extra": extra}
+        return self.net(per_sample(c_in, x) * x, c_noise.to(x.dtype), cond, **kwargs).to(x.dtype)
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, *, extra: Tensor | None = None) -> Tensor:
         c_skip, c_out, _, _ = self.scalings(self._sigma(x, sigma))
-        return per_sample(c_skip, x) * x + per_sample(c_out, x) * self.raw(x, sigma, cond)
+        return per_sample(c_skip, x) * x + per_sample(c_out, x) * self.raw(x, sigma, cond, extra=extra)
 
     @staticmethod
     def _sigma(x: Tensor, sigma: Tensor) -> Tensor:

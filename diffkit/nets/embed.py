@@ -38,3 +38,33 @@ class LabelEmbedding(nn.Module):
         if labels.shape != (batch,) or labels.min() < 0 or labels.max() > self.num_classes:
             raise ValueError(f"labels must be ({batch},) integers in [0, {self.num_classes}] ({self.num_classes} = no label)")
         return self.table(labels)
+
+
+class Conditioning(nn.Module):
+    """(c_noise, labels, extra scalars) -> one (B, dim) vector that every block of an image backbone reads.
+
+    c_noise and each extra scalar (e.g. the step size d of shortcut models, Frans et al. 2024) get Fourier
+    features, concatenated and mapped by a two-layer MLP, as DDPM maps its timestep (Ho et al. 2020, App. B);
+    the label embedding is added after the MLP, as in ADM (Dhariwal & Nichol 2021). Blocks apply SiLU to it.
+    """
+
+    def __init__(self, dim: int, *, features: int, num_classes: int = 0, extra_scalars: int = 0):
+        super().__init__()
+        self.extra_scalars = extra_scalars
+        self.fourier = FourierEmbedding(features)
+        self.mlp = nn.Sequential(nn.Linear((1 + extra_scalars) * features, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.labels = LabelEmbedding(num_classes, dim) if num_classes else None
+
+    def forward(self, c_noise: Tensor, cond: Tensor | None, extra: Tensor | None, batch: int) -> Tensor:
+        if self.labels is None and cond is not None:
+            raise ValueError("this net is unconditional (num_classes=0): pass cond=None, or build it with num_classes")
+        if self.extra_scalars and (extra is None or extra.shape != (batch, self.extra_scalars)):
+            got = None if extra is None else tuple(extra.shape)
+            raise ValueError(f"extra must be a ({batch}, {self.extra_scalars}) tensor of extra scalars, got {got}")
+        if not self.extra_scalars and extra is not None:
+            raise ValueError("this net takes no extra scalars (extra_scalars=0): pass extra=None")
+        scalars = c_noise.expand(batch).reshape(batch, 1)
+        if extra is not None:
+            scalars = torch.cat([scalars, extra.to(scalars.dtype)], dim=1)
+        e = self.mlp(self.fourier(scalars).reshape(batch, -1))
+        return e if self.labels is None else e + self.labels(cond, batch)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from diffkit.nets.embed import FourierEmbedding, LabelEmbedding
+from diffkit.nets.embed import Conditioning
 
 
 class Block(nn.Module):
@@ -21,24 +21,22 @@ class Block(nn.Module):
 
 
 class MLP(nn.Module):
-    """dim -> width -> depth residual blocks -> dim. num_classes > 0 adds a label embedding (None = no label)."""
+    """dim -> width -> depth residual blocks -> dim. num_classes > 0 adds a label embedding (None = no label);
+    extra_scalars > 0 makes forward require `extra`, (B, extra_scalars) floats embedded beside c_noise."""
 
-    muon_exclude = ("inp", "out", "noise", "labels")  # input/output layers and embeddings stay on AdamW
+    muon_exclude = ("inp", "out", "cond")  # input/output layers and embeddings stay on AdamW
 
     def __init__(self, dim: int, width: int = 256, depth: int = 4, emb: int = 128, num_classes: int = 0,
-                 dropout: float = 0.0):
+                 extra_scalars: int = 0, dropout: float = 0.0):
         super().__init__()
-        self.noise = nn.Sequential(FourierEmbedding(emb), nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.labels = LabelEmbedding(num_classes, emb) if num_classes else None
+        self.cond = Conditioning(emb, features=emb, num_classes=num_classes, extra_scalars=extra_scalars)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(Block(width, emb, dropout) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
 
-    def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None, *, extra: Tensor | None = None) -> Tensor:
         shape = x.shape
-        e = self.noise(c_noise.expand(shape[0]))
-        if self.labels is not None:
-            e = e + self.labels(cond, shape[0])
+        e = self.cond(c_noise, cond, extra, shape[0])
         h = self.inp(x.reshape(shape[0], -1))
         for block in self.blocks:
             h = block(h, e)

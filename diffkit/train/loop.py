@@ -80,6 +80,8 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
     use_bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
 
     ema = EMA(model, settings.ema_decay)
+    # Objectives that build targets from the EMA weights (shortcut models) declare `uses_ema = True`.
+    ema_arg = {"ema": ema.model} if getattr(objective, "uses_ema", False) else {}
     opts = optim.build(model, settings.optimizer, lr=settings.lr, muon_lr=settings.muon_lr,
                        weight_decay=settings.weight_decay)
     start, skipped_total = 0, 0
@@ -132,7 +134,7 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
             sync_ctx = model.net.no_sync() if world > 1 and k < accum - 1 else contextlib.nullcontext()
             with sync_ctx:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = objective(model, x[chunk].to(device), cond, generator=gen).mean() / accum
+                    loss = objective(model, x[chunk].to(device), cond, generator=gen, **ema_arg).mean() / accum
                 loss.backward()
             total += loss.detach()
         if world > 1:
