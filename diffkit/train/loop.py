@@ -2,9 +2,9 @@
 
 Reproducibility is by construction, not by saved RNG state: the data order of epoch e comes from a
 generator seeded by (seed, e), and every random draw of micro-batch j at step s (noise levels, eps,
-label dropout, dropout) from one seeded by (seed, s, j). So a resumed run repeats exactly what an
-uninterrupted one does, and a run on R processes (torchrun, DDP) processes the same micro-batches as one
-process with R times the gradient accumulation.
+label dropout, dropout) from one seeded by (seed, s, j), or (seed, s, j, p) in an objective's phase p > 0.
+So a resumed run repeats exactly what an uninterrupted one does, and a run on R processes (torchrun, DDP)
+processes the same micro-batches as one process with R times the gradient accumulation.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ class TrainSettings:
     lr: float = 1e-3
     muon_lr: float = 0.02
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9  # SiD uses 0 for both of its networks
+    adam_beta2: float = 0.999
     warmup: int = 100
     cosine: bool = True
     grad_clip: float = 1.0
@@ -82,8 +84,12 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
     ema = EMA(model, settings.ema_decay)
     # Objectives that build targets from the EMA weights (shortcut models) declare `uses_ema = True`.
     ema_arg = {"ema": ema.model} if getattr(objective, "uses_ema", False) else {}
+    # Objectives that alternate between parts of the model (SiD: fake score, then generator) name their
+    # `phases`: each is a pass over the batch with `phase=` and an optimizer step of its own, in order; the
+    # optimizers skip parameters a phase leaves without gradient.
+    phases = getattr(objective, "phases", (None,))
     opts = optim.build(model, settings.optimizer, lr=settings.lr, muon_lr=settings.muon_lr,
-                       weight_decay=settings.weight_decay)
+                       weight_decay=settings.weight_decay, betas=(settings.adam_beta1, settings.adam_beta2))
     start, skipped_total = 0, 0
     found = checkpoint.latest(run_dir)
     if found is not None:
@@ -99,7 +105,7 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
     if settings.compile and device.type == "cuda":
         model.net = torch.compile(model.net)
     if world > 1:
-        model.net = nn.parallel.DistributedDataParallel(model.net)
+        model.net = nn.parallel.DistributedDataParallel(model.net, find_unused_parameters=len(phases) > 1)
     model.train()
 
     def save(step: int) -> None:
@@ -123,40 +129,52 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * factor
         idx = _batch_indices(step, settings.batch, len(x), settings.seed)
-        total = torch.zeros((), device=device)
-        for k in range(accum):
-            j = rank * accum + k
-            chunk = idx[j * micro:(j + 1) * micro]
-            torch.manual_seed(_seed(settings.seed, 2, step, j))  # dropout and any other global draws
-            gen = torch.Generator(device).manual_seed(_seed(settings.seed, 3, step, j))
-            cond = labels[chunk].to(device) if labels is not None else None
-            # DDP syncs gradients on the last micro-batch only.
-            sync_ctx = model.net.no_sync() if world > 1 and k < accum - 1 else contextlib.nullcontext()
-            with sync_ctx:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = objective(model, x[chunk].to(device), cond, generator=gen, **ema_arg).mean() / accum
-                loss.backward()
-            total += loss.detach()
-        if world > 1:
-            dist.all_reduce(total)
-            total /= world
-        if torch.isfinite(total):
-            consecutive = 0
+        losses, norms = [], []
+        for p, phase in enumerate(phases):
+            total = torch.zeros((), device=device)
+            phase_arg = {} if phase is None else {"phase": phase}
+            for k in range(accum):
+                j = rank * accum + k
+                chunk = idx[j * micro:(j + 1) * micro]
+                draws = (step, j) if p == 0 else (step, j, p)  # each phase draws afresh; phase 0 as without phases
+                torch.manual_seed(_seed(settings.seed, 2, *draws))  # dropout and any other global draws
+                gen = torch.Generator(device).manual_seed(_seed(settings.seed, 3, *draws))
+                cond = labels[chunk].to(device) if labels is not None else None
+                # DDP syncs gradients on the last micro-batch only.
+                sync_ctx = model.net.no_sync() if world > 1 and k < accum - 1 else contextlib.nullcontext()
+                with sync_ctx:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        loss = objective(model, x[chunk].to(device), cond, generator=gen, **ema_arg, **phase_arg)
+                        loss = loss.mean() / accum
+                    loss.backward()
+                total += loss.detach()
+            if world > 1:
+                dist.all_reduce(total)
+                total /= world
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            # A non-finite gradient skips the step as a non-finite loss does (a loss may mask NaN samples out).
+            if torch.isfinite(total + grad_norm):
+                for opt in opts:
+                    opt.step()
             for opt in opts:
-                opt.step()
+                opt.zero_grad(set_to_none=True)
+            losses.append(total)
+            norms.append(grad_norm)
+        if torch.isfinite(torch.stack(losses + norms)).all():
+            consecutive = 0
             ema.update(model)
         else:  # skip the step, keep count, stop after too many in a row
             consecutive, skipped_total = consecutive + 1, skipped_total + 1
             if consecutive >= settings.max_nonfinite:
                 raise NonFiniteLoss(f"{consecutive} non-finite losses in a row at step {step}; stopped. The last good "
                                     f"checkpoint is {checkpoint.latest(run_dir)}. Lower the learning rate or check the data.")
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
         if log is not None and consecutive == 0 and ((step + 1) % settings.log_every == 0 or step + 1 == settings.steps):
             rate = settings.batch * (step + 1 - start) / (time.perf_counter() - t0)
-            row = {"step": step + 1, "loss": total.item(), "lr": opts[0].param_groups[0]["lr"],
-                   "grad_norm": grad_norm.item(), "skipped_steps": skipped_total, "samples_per_s": rate}
+            row = {"step": step + 1, "loss": sum(losses).item(), "lr": opts[0].param_groups[0]["lr"],
+                   "grad_norm": torch.stack(norms).norm().item(), "skipped_steps": skipped_total, "samples_per_s": rate}
+            for name, phase_loss, phase_norm in zip(phases, losses, norms):
+                if name is not None:
+                    row |= {f"loss_{name}": phase_loss.item(), f"grad_norm_{name}": phase_norm.item()}
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{row['loss']:.4f}")

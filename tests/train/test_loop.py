@@ -83,6 +83,24 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     assert ck.step == 12 and ck.extra["skipped_steps"] == 4
 
 
+class NaNGradient(Flaky):
+    """An objective whose loss stays finite but whose gradient is NaN on chosen steps: sqrt's slope at 0."""
+
+    def __call__(self, model, x0, cond=None, *, generator=None):
+        self.calls += 1
+        out = model(x0, torch.ones(len(x0)))
+        loss = ((out - x0) ** 2).mean(1)
+        return loss + torch.sqrt(0 * out.sum()) if self.bad(self.calls) else loss
+
+
+def test_finite_loss_with_nonfinite_gradient_is_skipped(tmp_path):
+    settings = TrainSettings(steps=12, batch=8, warmup=1, log_every=12, checkpoint_every=12)
+    model = tiny_model()
+    train(model, NaNGradient(lambda c: c % 3 == 0), torch.randn(32, 2), None, settings, tmp_path, progress=False)
+    assert checkpoint.load(checkpoint.latest(tmp_path)).extra["skipped_steps"] == 4
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
 def test_too_many_nonfinite_stops_and_keeps_last_good_checkpoint(tmp_path):
     settings = TrainSettings(steps=20, batch=8, warmup=1, checkpoint_every=5, max_nonfinite=3)
     with pytest.raises(NonFiniteLoss, match="3 non-finite losses in a row.*step-000000005"):

@@ -1,0 +1,1 @@
+"""One-step and few-step generators: shortcut models, reflow, score identity distillation."""
