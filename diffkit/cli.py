@@ -1,4 +1,4 @@
-"""The `diffkit` command: demo, train, sample, eval, bench.
+"""The `diffkit` command: demo, train, sample, eval, reflow, distill, bench.
 
 `bench` runs a benchmark script from the source checkout's benchmarks/ folder (benchmarks are not part of
 the installed package); everything after the benchmark's name is passed to it. `train` under torchrun
@@ -81,10 +81,32 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--label", type=int, help="class to sample (conditional runs)")
             p.add_argument("--out", type=Path, help="output folder (default: inside the run)")
 
+    rf = sub.add_parser("reflow", help="ReFlow a trained flow: draw (noise, sample) couples, train the next flow on them")
+    rf.add_argument("run", type=Path, help="the teacher's run folder (a rectified-flow, velocity-prediction run)")
+    rf.add_argument("overrides", nargs="*", help="section.key=value for the new run, e.g. train.steps=2000")
+    rf.add_argument("--out", type=Path, required=True, help="new run folder (couples go to OUT/couples); resumes")
+    rf.add_argument("--n", type=int, default=20000, help="number of couples (default 20000)")
+    rf.add_argument("--sampler", default="heun", help="sampler that draws the couples (default heun)")
+    rf.add_argument("--steps", type=int, default=18, help="its grid steps on the teacher's grid (default 18)")
+    rf.add_argument("--seed", type=int, default=0)
+    rf.add_argument("--distill", type=int, default=0, metavar="K",
+                    help="train only at the times of a K-step Euler sampler (K = 1: a one-step model)")
+
+    ds = sub.add_parser("distill", help="distil a trained run into a one-step generator (SiD, or FGM = SiD at alpha 0.5)")
+    ds.add_argument("run", type=Path, help="the teacher's run folder")
+    ds.add_argument("overrides", nargs="*", help="section.key=value, e.g. objective.args.alpha=1.0 train.steps=4000")
+    ds.add_argument("--method", default="sid", help="sid (alpha 1.2) or fgm (alpha 0.5)")
+    ds.add_argument("--out", type=Path, required=True, help="new run folder; resumes if it exists")
+
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ and write benchmarks/results/")
     b.add_argument("name", help=f"one of: {', '.join(BENCHMARKS)}")
     b.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
-    args = parser.parse_args(argv)
+    # Overrides may also follow the options (`diffkit reflow RUN --out D train.steps=100`).
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     try:
         if args.command == "demo":
@@ -106,6 +128,19 @@ def main(argv: list[str] | None = None) -> int:
             from diffkit import run
 
             print(json.dumps(run.eval_run(args.run, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed), indent=2))
+            return 0
+        if args.command == "reflow":
+            from diffkit import run
+
+            folder = run.reflow_run(args.run, args.out, n=args.n, sampler=args.sampler, steps=args.steps,
+                                    seed=args.seed, distill=args.distill, overrides=args.overrides)
+            print(f"reflowed: {folder}/report.md")
+            return 0
+        if args.command == "distill":
+            from diffkit import run
+
+            folder = run.distill_run(args.run, args.out, method=args.method, overrides=args.overrides)
+            print(f"distilled: {folder}/report.md")
             return 0
         return bench(args.name, args.args)
     except (ValueError, FileNotFoundError) as err:

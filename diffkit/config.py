@@ -11,14 +11,19 @@ import difflib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
+from torch import nn
 
 from diffkit import data as datasets
 from diffkit import paths
 from diffkit.objectives import Denoising
+from diffkit.onestep import reflow
+from diffkit.onestep.reflow import Reflow
+from diffkit.onestep.shortcut import Shortcut
+from diffkit.onestep.sid import SiD, SiDStudent
 from diffkit.precond import Precond
 from diffkit.train.loop import TrainSettings
 
@@ -31,6 +36,7 @@ class DataConfig:
     channels: int = 3
     n: int = 20000  # points drawn for a toy
     conditional: bool = False  # train with labels (and label dropout for guidance)
+    couples: str | None = None  # reflow: train on the (noise, sample) couples in this folder instead
 
 
 @dataclass
@@ -41,10 +47,13 @@ class ModelConfig:
     shift: float = 1.0  # log-SNR shift scale (Shifted path) when != 1
     prediction: str = "edm"  # eps | x0 | v | velocity | score | edm
     sigma_data: float = 0.5
+    init: str | None = None  # a run folder: its EMA weights start the net (reflow) or are the teacher (sid)
 
 
 @dataclass
 class ObjectiveConfig:
+    name: str = "denoising"  # denoising | shortcut | reflow | sid
+    args: dict = field(default_factory=dict)  # the method's own options (diffkit.onestep.<name>)
     density: str = "lognormal"  # uniform | lognormal | logit_normal
     density_args: dict = field(default_factory=dict)
     weighting: str = "uniform"  # uniform | edm | min_snr
@@ -56,7 +65,7 @@ class ObjectiveConfig:
 class SampleConfig:
     sampler: str = "heun"
     steps: int = 18
-    grid: str = "karras"  # karras | uniform_t | log_snr
+    grid: str = "karras"  # karras | uniform_t | log_snr | distill (a reflow-distilled model's own times)
     rho: float = 7.0
     sigma_min: float | None = None  # default: the path's range
     sigma_max: float | None = None
@@ -131,6 +140,15 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found")
         values = yaml.safe_load(path.read_text()) or {}
+    return from_dict(_override(values, overrides))
+
+
+def derive(base: Config, overrides: list[str] = ()) -> Config:
+    """A copy of `base` with `section.key=value` overrides applied (new runs made from a trained one)."""
+    return from_dict(_override(to_dict(base), overrides))
+
+
+def _override(values: dict, overrides: list[str]) -> dict:
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")
@@ -140,7 +158,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(raw)
-    return from_dict(values)
+    return values
 
 
 def to_dict(cfg: Config) -> dict:
@@ -148,8 +166,15 @@ def to_dict(cfg: Config) -> dict:
 
 
 def dataset(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The training (or held-out 'test') data: images (N, C, H, W) in [-1, 1] or vectors (N, d)."""
+    """The training (or held-out 'test') data: images (N, C, H, W) in [-1, 1] or vectors (N, d).
+
+    With data.couples the training split is reflow's (N, 2, ...) [sample, noise] couples; the held-out split
+    stays the real data of data.name, so reflowed models are scored against what the teacher learned.
+    """
     d = cfg.data
+    if d.couples is not None and split == "train":
+        noise, sample, labels = reflow.load_couples(d.couples)
+        return reflow.pack(noise, sample), (labels if d.conditional else None)
     if d.name == "digits":
         x, y = datasets.digits(split)
     elif d.name in datasets.TOYS:
@@ -161,6 +186,11 @@ def dataset(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tens
     else:
         raise ValueError(f"unknown data.name {d.name!r}; use digits, folder, hf or a toy: {', '.join(datasets.TOYS)}")
     return x, (y if d.conditional else None)
+
+
+def sample_shape(cfg: Config, x: torch.Tensor) -> tuple[int, ...]:
+    """The per-sample shape of training data x (couples carry a pair axis first)."""
+    return tuple(x.shape[2:] if cfg.data.couples is not None else x.shape[1:])
 
 
 def _net_class(name: str):
@@ -181,21 +211,30 @@ def num_classes(cfg: Config, labels: torch.Tensor | None) -> int:
 
 
 def model(cfg: Config, sample_shape: tuple[int, ...], n_classes: int) -> Precond:
-    """The Precond-wrapped network for data of per-sample shape `sample_shape`."""
-    m = cfg.model
+    """The Precond-wrapped network for data of per-sample shape `sample_shape` (a shortcut net also takes d)."""
+    m, method = cfg.model, cfg.objective.name
     if m.path not in PATHS:
         raise ValueError(f"unknown model.path {m.path!r}; choose one of {', '.join(PATHS)}")
+    if method in ("shortcut", "reflow") and (m.path != "rectified_flow" or m.prediction != "velocity" or m.shift != 1):
+        raise ValueError(f"objective.name={method} trains a flow: set model.path=rectified_flow, "
+                         f"model.prediction=velocity, model.shift=1 (got {m.path}, {m.prediction}, {m.shift})")
     cls = _net_class(m.net)
     params = inspect.signature(cls).parameters
+    fixed = ("dim", "in_channels", "image_size", "num_classes", "extra_scalars")
     for key in m.args:
-        if key not in params:
-            raise _unknown(key, [p for p in params if p not in ("dim", "in_channels", "image_size", "num_classes")],
-                           f"model.args of {m.net}")
+        if key not in params or key in fixed:
+            raise _unknown(key, [p for p in params if p not in fixed], f"model.args of {m.net}")
+    extra = {"extra_scalars": 1} if method == "shortcut" else {}
     if m.net == "mlp":
-        net = cls(int(torch.tensor(sample_shape).prod()), num_classes=n_classes, **m.args)
+        net = cls(int(torch.tensor(sample_shape).prod()), num_classes=n_classes, **extra, **m.args)
     else:
-        net = cls(in_channels=sample_shape[0], image_size=sample_shape[-1], num_classes=n_classes, **m.args)
+        net = cls(in_channels=sample_shape[0], image_size=sample_shape[-1], num_classes=n_classes, **extra, **m.args)
     return Precond(net, path(cfg), m.prediction, sigma_data=m.sigma_data)
+
+
+def trainable(cfg: Config, denoiser: Precond) -> nn.Module:
+    """What the loop trains: the denoiser itself, or for SiD a generator and a fake denoiser copied from it."""
+    return SiDStudent.from_teacher(denoiser) if cfg.objective.name == "sid" else denoiser
 
 
 def path(cfg: Config) -> paths.Path:
@@ -203,16 +242,45 @@ def path(cfg: Config) -> paths.Path:
     return base if cfg.model.shift == 1 else paths.Shifted(base, cfg.model.shift)
 
 
-def objective(cfg: Config, n_classes: int) -> Denoising:
+OBJECTIVES = {"denoising": Denoising, "shortcut": Shortcut, "reflow": Reflow, "sid": SiD}
+
+
+def objective(cfg: Config, n_classes: int, teacher: Precond | None = None) -> Callable:
+    """The training objective objective.name with objective.args; SiD needs the (loaded) teacher."""
     o = cfg.objective
+    if o.name not in OBJECTIVES:
+        raise _unknown(o.name, list(OBJECTIVES), "objective.name")
+    cls = OBJECTIVES[o.name]
+    params = inspect.signature(cls).parameters
+    if o.name == "denoising" and o.args:
+        raise ValueError("objective.args configures a one-step method (shortcut, reflow, sid); denoising takes "
+                         "objective.density, density_args, weighting, min_snr_gamma and label_dropout")
+    own = {"denoising": (), "shortcut": ("label_dropout", "null"), "reflow": ("path",), "sid": ("teacher",)}[o.name]
+    for key in o.args:
+        if key not in params or key in own:
+            raise _unknown(key, [p for p in params if p not in own], f"objective.args of {o.name}")
+    dropout = o.label_dropout if cfg.data.conditional else 0.0
+    null = n_classes if dropout else None
+    if o.name == "shortcut":
+        return Shortcut(label_dropout=dropout, null=null, **o.args)
+    if o.name == "reflow":
+        return Reflow(path(cfg), **o.args)
+    if o.name == "sid":
+        if teacher is None:
+            raise ValueError("objective.name=sid distils a teacher: set model.init to the teacher's run folder "
+                             "(or use `diffkit distill RUN --method sid`)")
+        return SiD(teacher, **o.args)
     if o.density not in DENSITIES:
         raise ValueError(f"unknown objective.density {o.density!r}; choose one of {', '.join(DENSITIES)}")
-    dropout = o.label_dropout if cfg.data.conditional else 0.0
     return Denoising(path(cfg), density=DENSITIES[o.density](**o.density_args), weighting=o.weighting,
-                     min_snr_gamma=o.min_snr_gamma, label_dropout=dropout, null=n_classes if dropout else None)
+                     min_snr_gamma=o.min_snr_gamma, label_dropout=dropout, null=null)
 
 
 def describe(cfg: Config) -> dict[str, Any]:
     """The facts a reader of a report needs, in one line each."""
-    return {"data": cfg.data.name, "net": cfg.model.net, "path": cfg.model.path, "prediction": cfg.model.prediction,
-            "density": cfg.objective.density, "weighting": cfg.objective.weighting, "steps": cfg.train.steps}
+    facts = {"data": cfg.data.name, "net": cfg.model.net, "path": cfg.model.path, "prediction": cfg.model.prediction}
+    if cfg.objective.name == "denoising":
+        facts.update(density=cfg.objective.density, weighting=cfg.objective.weighting)
+    else:
+        facts.update(method=cfg.objective.name, **{k: v for k, v in cfg.objective.args.items()})
+    return {**facts, "steps": cfg.train.steps}

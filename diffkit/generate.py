@@ -7,6 +7,7 @@ from tqdm import tqdm
 
 from diffkit import grids, samplers
 from diffkit.config import Config, path
+from diffkit.onestep import reflow, shortcut, sid
 from diffkit.precond import Precond
 from diffkit.samplers.guidance import ClassifierFree
 from diffkit.samplers.noise import GaussianNoise
@@ -23,7 +24,17 @@ def grid(cfg: Config, steps: int | None = None) -> Tensor:
         return grids.uniform_t(p, n, float(p.t(lo)), float(p.t(hi)))
     if s.grid == "log_snr":
         return grids.log_snr_uniform(p, n, lo, hi)
-    raise ValueError(f"unknown sample.grid {s.grid!r}; choose karras, uniform_t or log_snr")
+    if s.grid == "distill":
+        return reflow.distill_grid(n, path=p, sigma_start=hi)
+    raise ValueError(f"unknown sample.grid {s.grid!r}; choose karras, uniform_t, log_snr or distill")
+
+
+def sampler_name(cfg: Config, sampler: str | None) -> str:
+    """The sampler a run uses: shortcut and SiD models have their own; others take `sampler` or the config's."""
+    own = {"shortcut": "shortcut", "sid": "sid"}.get(cfg.objective.name)
+    if own and sampler not in (None, own):
+        raise ValueError(f"a {own} model samples with its own sampler ({own}, --steps 1/2/4/...), not {sampler!r}")
+    return own or sampler or cfg.sample.sampler
 
 
 def steps_for_nfe(sampler: str, nfe: int) -> int:
@@ -36,22 +47,51 @@ def sample(model: Precond, cfg: Config, shape: tuple[int, ...], n: int, *, sampl
            steps: int | None = None, seed: int = 0, guidance: float | None = None, label: int | None = None,
            n_classes: int = 0, batch: int = 256, progress: bool = True) -> tuple[Tensor, int]:
     """n samples (n, *shape) and the NFE per sample. Sample i depends only on (seed, i), not on `batch`."""
-    name = sampler or cfg.sample.sampler
-    fn, sigmas = samplers.get(name), grid(cfg, steps)
+    name = sampler_name(cfg, sampler)
+    steps = steps or cfg.sample.steps
     if label is not None and not 0 <= label < n_classes:
         raise ValueError(f"--label must be in [0, {n_classes - 1}] for this model" if n_classes else
                          "this model was trained without labels: --label and --guidance need a conditional model")
+    draw = _one_step_method(model, cfg, name, steps, guidance, label, n_classes)
     device = next(model.parameters()).device
     out, nfe = [], 0
     for start in tqdm(range(0, n, batch), desc=f"sampling {name}", disable=not progress):
         idx = range(start, min(start + batch, n))
         noise = GaussianNoise(seed, indices=idx, device=device)
+        if draw is not None:
+            x, nfe = draw(noise.sample(shape), noise)
+            out.append(x.cpu())
+            continue
+        sigmas = grid(cfg, steps)
         x = sigmas[0].item() * noise.sample(shape)
-        denoiser = _denoiser(model, len(idx), guidance, label, n_classes, device)
-        counter = samplers.NFECounter(denoiser)
-        out.append(fn(counter, x, sigmas, noise=noise).cpu())
+        counter = samplers.NFECounter(_denoiser(model, len(idx), guidance, label, n_classes, device))
+        out.append(samplers.get(name)(counter, x, sigmas, noise=noise).cpu())
         nfe = counter.nfe
     return torch.cat(out), nfe
+
+
+def _one_step_method(model, cfg: Config, name: str, steps: int, guidance, label, n_classes):
+    """For shortcut and SiD models: (z, noise) -> (samples, NFE); None for denoisers and the generic samplers."""
+    args = cfg.objective.args
+    if name == "shortcut":
+        levels = args.get("levels", shortcut.LEVELS)
+        guided = guidance is not None and guidance != 1
+
+        def draw(z, noise):
+            cond = None if label is None else torch.full((len(z),), label, dtype=torch.long, device=z.device)
+            x = shortcut.shortcut_sample(model, z, steps, cond=cond, guidance=guidance, null=n_classes, levels=levels)
+            return x, steps * (2 if guided else 1)
+        return draw
+    if name == "sid":
+        if guidance is not None:
+            raise ValueError("a SiD generator is sampled without guidance (bake it into the teacher instead)")
+        sigma_init = args.get("sigma_init", 2.5)
+
+        def draw(z, noise):
+            cond = None if label is None else torch.full((len(z),), label, dtype=torch.long, device=z.device)
+            return sid.sid_sample(model.generator, z, sigma_init=sigma_init, steps=steps, cond=cond, noise=noise), steps
+        return draw
+    return None
 
 
 def _denoiser(model, b, guidance, label, n_classes, device):

@@ -17,7 +17,7 @@ from diffkit import config as configs
 from diffkit import generate, report
 from diffkit.config import Config
 from diffkit.eval import metrics
-from diffkit.precond import Precond
+from diffkit.onestep import reflow
 from diffkit.train import checkpoint
 from diffkit.train.loop import train
 
@@ -27,7 +27,15 @@ def _device() -> torch.device:
 
 
 def _run_info(cfg: Config, x: torch.Tensor, n_classes: int) -> dict:
-    return {"config": configs.to_dict(cfg), "shape": list(x.shape[1:]), "num_classes": n_classes}
+    return {"config": configs.to_dict(cfg), "shape": list(configs.sample_shape(cfg, x)), "num_classes": n_classes}
+
+
+def ema_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The EMA state dict of a run's latest checkpoint (what model.init and teachers load)."""
+    found = checkpoint.latest(Path(run_dir))
+    if found is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoints: train it first with `diffkit train`")
+    return checkpoint.load(found).ema
 
 
 def _check_same_config(run_dir: Path, info: dict) -> None:
@@ -52,12 +60,20 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     report.atomic_write(run_dir / "config.yaml", yaml.safe_dump(info, sort_keys=False))
     torch.manual_seed(cfg.train.seed)
-    model = configs.model(cfg, tuple(x.shape[1:]), n_classes).to(_device())
-    ema = train(model, configs.objective(cfg, n_classes), x, y, cfg.train, run_dir, config=info, progress=progress)
+    shape = configs.sample_shape(cfg, x)
+    denoiser = configs.model(cfg, shape, n_classes)
+    if cfg.model.init is not None:  # reflow fine-tunes the teacher; SiD copies it into generator and fake
+        denoiser.load_state_dict(ema_weights(cfg.model.init))
+    denoiser = denoiser.to(_device())
+    model = configs.trainable(cfg, denoiser)
+    objective = configs.objective(cfg, n_classes, teacher=denoiser if cfg.model.init is not None else None)
+    ema = train(model, objective, x, y, cfg.train, run_dir, config=info, progress=progress)
     report.loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-    samples, nfe = generate.sample(ema.model, cfg, tuple(x.shape[1:]), 64, n_classes=n_classes, progress=progress)
-    title = f"{cfg.sample.sampler}, {nfe} NFE, EMA weights after {cfg.train.steps} steps"
-    report.panels(run_dir / "samples.png", {"training data": x[:64], "samples": samples}, title=title)
+    samples, nfe = generate.sample(ema.model, cfg, shape, 64, n_classes=n_classes, progress=progress)
+    name = generate.sampler_name(cfg, None)
+    title = f"{name}, {nfe} NFE, EMA weights after {cfg.train.steps} steps"
+    data = x[:64, 0] if cfg.data.couples is not None else x[:64]
+    report.panels(run_dir / "samples.png", {"training data": data, "samples": samples}, title=title)
     facts = configs.describe(cfg)
     report.atomic_write(run_dir / "report.md", "\n".join([
         f"# Training run {run_dir.name}", "", report.table([facts], list(facts)), "",
@@ -65,8 +81,10 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
     return run_dir
 
 
-def load_run(run_dir: Path) -> tuple[Config, Precond, tuple[int, ...], int]:
-    """(config, EMA model on the best device, per-sample shape, class count) of a run's latest checkpoint."""
+def load_run(run_dir: Path) -> tuple[Config, torch.nn.Module, tuple[int, ...], int]:
+    """(config, EMA model on the best device, per-sample shape, class count) of a run's latest checkpoint.
+
+    The model is what was trained: a Precond denoiser, or for SiD the generator and fake pair."""
     run_dir = Path(run_dir)
     found = checkpoint.latest(run_dir)
     if found is None:
@@ -74,7 +92,7 @@ def load_run(run_dir: Path) -> tuple[Config, Precond, tuple[int, ...], int]:
     ck = checkpoint.load(found)
     cfg = configs.from_dict(ck.config["config"])
     shape, n_classes = tuple(ck.config["shape"]), ck.config["num_classes"]
-    model = configs.model(cfg, shape, n_classes)
+    model = configs.trainable(cfg, configs.model(cfg, shape, n_classes))
     model.load_state_dict(ck.ema)
     return cfg, model.to(_device()).eval(), shape, n_classes
 
@@ -84,7 +102,7 @@ def sample_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int,
                progress: bool = True) -> Path:
     """Sample a trained run; writes samples.png, samples.safetensors and report.md into `out`."""
     cfg, model, shape, n_classes = load_run(run_dir)
-    name = sampler or cfg.sample.sampler
+    name = generate.sampler_name(cfg, sampler)
     x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, seed=seed, guidance=guidance,
                              label=label, n_classes=n_classes, progress=progress)
     out = Path(out or Path(run_dir) / f"samples-{name}-{nfe}nfe-seed{seed}")
@@ -111,8 +129,49 @@ def evaluate(cfg: Config, samples: torch.Tensor) -> dict:
 def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, seed: int, progress: bool = True) -> dict:
     """Sample n and score them against the held-out split; writes eval-<sampler>-<nfe>.json in the run folder."""
     cfg, model, shape, n_classes = load_run(run_dir)
-    name = sampler or cfg.sample.sampler
+    name = generate.sampler_name(cfg, sampler)
     x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, seed=seed, progress=progress)
     result = {"sampler": name, "nfe": nfe, "n": n, "seed": seed, **evaluate(cfg, x)}
     report.atomic_write(Path(run_dir) / f"eval-{name}-{nfe}nfe.json", json.dumps(result, indent=2))
     return result
+
+
+def reflow_run(teacher_dir: Path, out_dir: Path, *, n: int, sampler: str, steps: int, seed: int = 0,
+               distill: int = 0, overrides: list[str] = (), progress: bool = True) -> Path:
+    """ReFlow (Liu et al. 2022, Alg. 1): couples from a trained rectified flow, then the next flow trained on them.
+
+    The couples go to out_dir/couples (resumable shards); the new run starts from the teacher's EMA weights and
+    trains in out_dir. distill = k >= 1 trains only at the times of a k-step Euler sampler instead (§2.3).
+    """
+    cfg, model, shape, n_classes = load_run(teacher_dir)
+    out_dir = Path(out_dir)
+    if cfg.objective.name in ("shortcut", "sid"):
+        raise ValueError(f"reflow needs a flow or diffusion teacher; {teacher_dir} is a {cfg.objective.name} run")
+    labels = torch.arange(n) % n_classes if n_classes else None
+    reflow.make_couples(model, sampler, generate.grid(cfg, steps), shape, n, out_dir / "couples", seed=seed,
+                        labels=labels, device=_device(), progress=progress)
+    new = configs.derive(cfg, ["objective.name=reflow", f"objective.args={{distill: {distill}}}",
+                               f"data.couples={out_dir / 'couples'}", f"model.init={Path(teacher_dir)}",
+                               "sample.sampler=euler", "sample.grid=distill", f"sample.steps={max(distill, 1)}",
+                               *overrides])
+    return train_run(new, out_dir, progress=progress)
+
+
+# SiD from a trained start: small steps, Adam beta1 = 0 and no clipping (Zhou et al. 2024, run_sid.sh); the
+# paper's lr 1e-5 is for 56M-parameter UNets at batch 256+, 1e-4 suits the small nets trained on a CPU.
+SID_TRAIN = ["train.lr=1e-4", "train.adam_beta1=0", "train.warmup=0", "train.cosine=false", "train.grad_clip=.inf",
+             "train.steps=2000", "train.ema_decay=0.999"]
+
+
+def distill_run(teacher_dir: Path, out_dir: Path, *, method: str = "sid", overrides: list[str] = (),
+                progress: bool = True) -> Path:
+    """A one-step generator distilled from a trained run: SiD (alpha 1.2) or FGM (SiD at alpha 0.5)."""
+    methods = {"sid": [], "fgm": ["objective.args.alpha=0.5"]}
+    if method not in methods:
+        raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(methods)}")
+    cfg, _, _, _ = load_run(teacher_dir)
+    if cfg.objective.name != "denoising":
+        raise ValueError(f"distill needs a denoising teacher; {teacher_dir} is a {cfg.objective.name} run")
+    new = configs.derive(cfg, ["objective.name=sid", "objective.args={}", f"model.init={Path(teacher_dir)}",
+                               "sample.steps=1", *SID_TRAIN, *methods[method], *overrides])
+    return train_run(new, out_dir, progress=progress)
