@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py"}
+BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py", "onestep": "onestep.py",
+              "throughput": "throughput.py"}
 
 
 def _benchmarks_dir() -> Path | None:
@@ -42,6 +43,8 @@ def _train(args) -> int:
 
     from diffkit import config, run
 
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():  # only overrides given
+        args.config, args.overrides = None, [args.config, *args.overrides]
     cfg = config.load(args.config, args.overrides)
     out = args.out or Path("runs") / Path(args.config or "default").stem
     if "WORLD_SIZE" in os.environ:

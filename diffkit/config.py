@@ -20,7 +20,7 @@ from torch import nn
 from diffkit import data as datasets
 from diffkit import paths
 from diffkit.objectives import Denoising
-from diffkit.onestep import reflow
+from diffkit.onestep import reflow, shortcut
 from diffkit.onestep.reflow import Reflow
 from diffkit.onestep.shortcut import Shortcut
 from diffkit.onestep.sid import SiD, SiDStudent
@@ -262,6 +262,11 @@ def objective(cfg: Config, n_classes: int, teacher: Precond | None = None) -> Ca
     dropout = o.label_dropout if cfg.data.conditional else 0.0
     null = n_classes if dropout else None
     if o.name == "shortcut":
+        # Checked here, not after training, where train_run samples the model with sample.steps.
+        valid = [2**i for i in range(o.args.get("levels", shortcut.LEVELS) + 1)]
+        if cfg.sample.steps not in valid:
+            raise ValueError(f"sample.steps={cfg.sample.steps}: a shortcut model samples with a power of two steps "
+                             f"({', '.join(map(str, valid))} for its levels)")
         return Shortcut(label_dropout=dropout, null=null, **o.args)
     if o.name == "reflow":
         return Reflow(path(cfg), **o.args)

@@ -61,7 +61,9 @@ def loss_curve(metrics_jsonl: Path, path: Path) -> None:
     rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("step"), ax.set_ylabel("training loss (per-sample mean)"), ax.set_yscale("log")
+    # SiD's generator loss can be negative: a log axis only when every loss is positive.
+    ax.set_xlabel("step"), ax.set_ylabel("training loss (per-sample mean)")
+    ax.set_yscale("log" if all(r["loss"] > 0 for r in rows) else "symlog")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     _save(fig, path)

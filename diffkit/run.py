@@ -57,8 +57,6 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
     n_classes = configs.num_classes(cfg, y)
     info = _run_info(cfg, x, n_classes)
     _check_same_config(run_dir, json.loads(json.dumps(info)))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    report.atomic_write(run_dir / "config.yaml", yaml.safe_dump(info, sort_keys=False))
     torch.manual_seed(cfg.train.seed)
     shape = configs.sample_shape(cfg, x)
     denoiser = configs.model(cfg, shape, n_classes)
@@ -67,6 +65,10 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
     denoiser = denoiser.to(_device())
     model = configs.trainable(cfg, denoiser)
     objective = configs.objective(cfg, n_classes, teacher=denoiser if cfg.model.init is not None else None)
+    # The folder is made only once the config has built: a config error must not leave a config.yaml behind
+    # that makes the corrected command fail as "a run made with a different config".
+    run_dir.mkdir(parents=True, exist_ok=True)
+    report.atomic_write(run_dir / "config.yaml", yaml.safe_dump(info, sort_keys=False))
     ema = train(model, objective, x, y, cfg.train, run_dir, config=info, progress=progress)
     report.loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     samples, nfe = generate.sample(ema.model, cfg, shape, 64, n_classes=n_classes, progress=progress)
@@ -145,16 +147,27 @@ def reflow_run(teacher_dir: Path, out_dir: Path, *, n: int, sampler: str, steps:
     """
     cfg, model, shape, n_classes = load_run(teacher_dir)
     out_dir = Path(out_dir)
-    if cfg.objective.name in ("shortcut", "sid"):
-        raise ValueError(f"reflow needs a flow or diffusion teacher; {teacher_dir} is a {cfg.objective.name} run")
+    m = cfg.model
+    # The new run starts from the teacher's weights with the teacher's parametrization, which must be a flow's.
+    flow = (m.path, m.prediction, m.shift) == ("rectified_flow", "velocity", 1)
+    if cfg.objective.name in ("shortcut", "sid") or not flow:
+        raise ValueError(f"reflow needs a rectified-flow teacher (model.path=rectified_flow, model.prediction="
+                         f"velocity, trained by denoising or reflow); {teacher_dir} is a {cfg.objective.name} run "
+                         f"with model.path={m.path}, model.prediction={m.prediction}, model.shift={m.shift}")
+    # Derived (and so checked) before any couple is drawn. Paths are quoted: overrides are parsed as YAML.
+    new = configs.derive(cfg, ["objective.name=reflow", f"objective.args={{distill: {distill}}}",
+                               f"data.couples={_quote(out_dir / 'couples')}", f"model.init={_quote(teacher_dir)}",
+                               "sample.sampler=euler", "sample.grid=distill", f"sample.steps={max(distill, 1)}",
+                               *overrides])
     labels = torch.arange(n) % n_classes if n_classes else None
     reflow.make_couples(model, sampler, generate.grid(cfg, steps), shape, n, out_dir / "couples", seed=seed,
                         labels=labels, device=_device(), progress=progress)
-    new = configs.derive(cfg, ["objective.name=reflow", f"objective.args={{distill: {distill}}}",
-                               f"data.couples={out_dir / 'couples'}", f"model.init={Path(teacher_dir)}",
-                               "sample.sampler=euler", "sample.grid=distill", f"sample.steps={max(distill, 1)}",
-                               *overrides])
     return train_run(new, out_dir, progress=progress)
+
+
+def _quote(folder: str | Path) -> str:
+    """A folder as a YAML string: unquoted, `1`, `on` or `a #b` would parse as a number, a bool or be cut short."""
+    return json.dumps(str(Path(folder)))
 
 
 # SiD from a trained start: small steps, Adam beta1 = 0 and no clipping (Zhou et al. 2024, run_sid.sh); the
@@ -172,6 +185,6 @@ def distill_run(teacher_dir: Path, out_dir: Path, *, method: str = "sid", overri
     cfg, _, _, _ = load_run(teacher_dir)
     if cfg.objective.name != "denoising":
         raise ValueError(f"distill needs a denoising teacher; {teacher_dir} is a {cfg.objective.name} run")
-    new = configs.derive(cfg, ["objective.name=sid", "objective.args={}", f"model.init={Path(teacher_dir)}",
+    new = configs.derive(cfg, ["objective.name=sid", "objective.args={}", f"model.init={_quote(teacher_dir)}",
                                "sample.steps=1", *SID_TRAIN, *methods[method], *overrides])
     return train_run(new, out_dir, progress=progress)

@@ -24,3 +24,11 @@ def test_bench_unknown_name_is_an_error():
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="config file .* not found"):
         cli.main(["train", str(tmp_path / "nope.yaml")])
+
+
+def test_train_with_only_overrides_uses_the_default_config(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "train.steps=2", "train.checkpoint_every=2", "model.args={width: 16, depth: 1}", "--out", str(out)]
+    assert cli.main(args) == 0
+    saved = (out / "config.yaml").read_text()
+    assert "steps: 2" in saved and "width: 16" in saved and "name: digits" in saved

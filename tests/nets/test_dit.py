@@ -4,20 +4,11 @@ import torch
 from diffkit import paths
 from diffkit.data import digits
 from diffkit.nets.dit import DiT, sincos_2d
-from diffkit.objectives import Denoising
-from diffkit.precond import Precond
+
+from _fit import perturbed, overfit_losses  # tests/nets/_fit.py
 
 TINY = dict(width=32, depth=2, heads=4)
 SETUPS = [(paths.VPLinear(), "eps"), (paths.RectifiedFlow(), "velocity"), (paths.EDM(), "edm")]
-
-
-def perturbed(net: torch.nn.Module) -> torch.nn.Module:
-    # adaLN-Zero makes F = 0 at init; nudge every weight so inputs matter.
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return net
 
 
 @pytest.mark.parametrize("size,channels,patch", [(8, 1, 2), (16, 3, 4), (12, 2, 3), (8, 4, 1)])
@@ -101,14 +92,6 @@ def test_overfits_a_fixed_batch(path, kind):
     # 16 digits and fixed noise draws: the loss must fall by a large factor.
     torch.manual_seed(0)
     x0, labels = (t[:16] for t in digits("train"))
-    model = Precond(DiT(8, 1, width=64, depth=2, heads=4, num_classes=10), path, kind)
-    objective = Denoising(path, density=paths.LogNormal() if kind == "edm" else paths.Uniform())
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(100):
-        loss = objective(model, x0, labels, generator=torch.Generator().manual_seed(0)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    net = DiT(8, 1, width=64, depth=2, heads=4, num_classes=10)
+    losses = overfit_losses(net, path, kind, x0, labels, steps=100, lr=2e-3)
     assert losses[-1] < losses[0] / 10, f"{kind}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"

@@ -3,8 +3,8 @@ import torch
 
 from diffkit import paths
 from diffkit.nets.mlp import MLP
-from diffkit.objectives import Denoising
-from diffkit.precond import Precond
+
+from _fit import overfit_losses  # tests/nets/_fit.py
 
 SETUPS = [(paths.VPLinear(), "eps"), (paths.VPCosine(), "v"), (paths.RectifiedFlow(), "velocity"),
           (paths.EDM(), "edm"), (paths.EDM(), "x0")]
@@ -14,17 +14,9 @@ SETUPS = [(paths.VPLinear(), "eps"), (paths.VPCosine(), "v"), (paths.RectifiedFl
 def test_overfits_a_fixed_batch(path, kind):
     # A fixed batch and fixed noise draws: the loss must fall by a large factor.
     torch.manual_seed(0)
-    model = Precond(MLP(2, width=128, depth=3, num_classes=3), path, kind)
-    objective = Denoising(path, density=paths.LogNormal() if kind in ("edm", "x0") else paths.Uniform())
+    net = MLP(2, width=128, depth=3, num_classes=3)
     x0, labels = torch.randn(64, 2), torch.randint(0, 3, (64,))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(300):
-        loss = objective(model, x0, labels, generator=torch.Generator().manual_seed(0)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = overfit_losses(net, path, kind, x0, labels, steps=300, lr=3e-3)
     assert losses[-1] < losses[0] / 10, f"{kind}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 

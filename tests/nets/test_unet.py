@@ -6,21 +6,12 @@ import torch
 from diffkit import paths
 from diffkit.data import digits
 from diffkit.nets.unet import UNet
-from diffkit.objectives import Denoising
-from diffkit.precond import Precond
+
+from _fit import perturbed, overfit_losses  # tests/nets/_fit.py
 
 TINY = dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), image_size=8,
             num_groups=4, head_channels=8, dropout=0.0)
 SETUPS = [(paths.VPLinear(), "eps"), (paths.RectifiedFlow(), "velocity"), (paths.EDM(), "edm")]
-
-
-def perturbed(net: torch.nn.Module) -> torch.nn.Module:
-    # The zero-initialised output layers make F = 0 at init; nudge every weight so inputs matter.
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return net
 
 
 @pytest.mark.parametrize("cin,cout,h,w", [(1, None, 8, 8), (3, None, 16, 16), (2, 5, 8, 16)])
@@ -82,16 +73,7 @@ def test_overfits_a_fixed_batch(path, kind):
     # 16 digits and fixed noise draws: the loss must fall by a large factor.
     torch.manual_seed(0)
     x0, labels = (t[:16] for t in digits("train"))
-    model = Precond(UNet(1, num_classes=10, **TINY), path, kind)
-    objective = Denoising(path, density=paths.LogNormal() if kind == "edm" else paths.Uniform())
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(100):
-        loss = objective(model, x0, labels, generator=torch.Generator().manual_seed(0)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = overfit_losses(UNet(1, num_classes=10, **TINY), path, kind, x0, labels, steps=100, lr=3e-3)
     assert losses[-1] < losses[0] / 10, f"{kind}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
