@@ -263,7 +263,7 @@ def objective(cfg: Config, n_classes: int, teacher: Precond | None = None) -> Ca
     null = n_classes if dropout else None
     if o.name == "shortcut":
         # Checked here, not after training, where train_run samples the model with sample.steps.
-        valid = [2**i for i in range(o.args.get("levels", shortcut.LEVELS) + 1)]
+        valid = shortcut.step_counts(o.args.get("levels", shortcut.LEVELS))
         if cfg.sample.steps not in valid:
             raise ValueError(f"sample.steps={cfg.sample.steps}: a shortcut model samples with a power of two steps "
                              f"({', '.join(map(str, valid))} for its levels)")

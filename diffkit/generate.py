@@ -31,7 +31,7 @@ def grid(cfg: Config, steps: int | None = None) -> Tensor:
 
 def sampler_name(cfg: Config, sampler: str | None) -> str:
     """The sampler a run uses: shortcut and SiD models have their own; others take `sampler` or the config's."""
-    own = {"shortcut": "shortcut", "sid": "sid"}.get(cfg.objective.name)
+    own = cfg.objective.name if cfg.objective.name in ("shortcut", "sid") else None
     if own and sampler not in (None, own):
         raise ValueError(f"a {own} model samples with its own sampler ({own}, --steps 1/2/4/...), not {sampler!r}")
     return own or sampler or cfg.sample.sampler
@@ -78,20 +78,25 @@ def _one_step_method(model, cfg: Config, name: str, steps: int, guidance, label,
         guided = guidance is not None and guidance != 1
 
         def draw(z, noise):
-            cond = None if label is None else torch.full((len(z),), label, dtype=torch.long, device=z.device)
-            x = shortcut.shortcut_sample(model, z, steps, cond=cond, guidance=guidance, null=n_classes, levels=levels)
+            x = shortcut.shortcut_sample(model, z, steps, cond=_labels(label, z), guidance=guidance, null=n_classes,
+                                         levels=levels)
             return x, steps * (2 if guided else 1)
         return draw
     if name == "sid":
         if guidance is not None:
             raise ValueError("a SiD generator is sampled without guidance (bake it into the teacher instead)")
-        sigma_init = args.get("sigma_init", 2.5)
+        sigma_init = args.get("sigma_init", sid.SIGMA_INIT)
 
         def draw(z, noise):
-            cond = None if label is None else torch.full((len(z),), label, dtype=torch.long, device=z.device)
-            return sid.sid_sample(model.generator, z, sigma_init=sigma_init, steps=steps, cond=cond, noise=noise), steps
+            x = sid.sid_sample(model.generator, z, sigma_init=sigma_init, steps=steps, cond=_labels(label, z), noise=noise)
+            return x, steps
         return draw
     return None
+
+
+def _labels(label: int | None, z: Tensor) -> Tensor | None:
+    """The class `label` for every row of z, or None (unconditional)."""
+    return None if label is None else torch.full((len(z),), label, dtype=torch.long, device=z.device)
 
 
 def _denoiser(model, b, guidance, label, n_classes, device):

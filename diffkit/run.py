@@ -30,12 +30,17 @@ def _run_info(cfg: Config, x: torch.Tensor, n_classes: int) -> dict:
     return {"config": configs.to_dict(cfg), "shape": list(configs.sample_shape(cfg, x)), "num_classes": n_classes}
 
 
-def ema_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The EMA state dict of a run's latest checkpoint (what model.init and teachers load)."""
+def _latest(run_dir: str | Path) -> checkpoint.Checkpoint:
+    """A run's latest checkpoint; a folder without one is an error that says how to make it."""
     found = checkpoint.latest(Path(run_dir))
     if found is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoints: train it first with `diffkit train`")
-    return checkpoint.load(found).ema
+    return checkpoint.load(found)
+
+
+def ema_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The EMA state dict of a run's latest checkpoint (what model.init and teachers load)."""
+    return _latest(run_dir).ema
 
 
 def _check_same_config(run_dir: Path, info: dict) -> None:
@@ -87,11 +92,7 @@ def load_run(run_dir: Path) -> tuple[Config, torch.nn.Module, tuple[int, ...], i
     """(config, EMA model on the best device, per-sample shape, class count) of a run's latest checkpoint.
 
     The model is what was trained: a Precond denoiser, or for SiD the generator and fake pair."""
-    run_dir = Path(run_dir)
-    found = checkpoint.latest(run_dir)
-    if found is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoints: train it first with `diffkit train`")
-    ck = checkpoint.load(found)
+    ck = _latest(run_dir)
     cfg = configs.from_dict(ck.config["config"])
     shape, n_classes = tuple(ck.config["shape"]), ck.config["num_classes"]
     model = configs.trainable(cfg, configs.model(cfg, shape, n_classes))

@@ -36,6 +36,11 @@ from diffkit.precond import Precond
 LEVELS = 7  # d_min = 2^-7: 128 steps, as the paper's `denoise_timesteps`
 
 
+def step_counts(levels: int = LEVELS) -> list[int]:
+    """The step counts a shortcut model trained with `levels` samples with: 1, 2, 4, ..., 2^levels."""
+    return [2**i for i in range(levels + 1)]
+
+
 def _check_model(model: Precond) -> None:
     if type(model.path) is not RectifiedFlow or model.prediction != "velocity":
         raise ValueError("shortcut models need Precond(net, paths.RectifiedFlow(), 'velocity') with a net built "
@@ -167,7 +172,7 @@ def shortcut_sample(model: Precond, z: Tensor, steps: int, *, cond: Tensor | Non
     unconditional label.
     """
     _check_model(model)
-    valid = [2**i for i in range(levels + 1)]
+    valid = step_counts(levels)
     if not isinstance(steps, int) or steps not in valid:
         raise ValueError(f"steps must be a power of two from 1 to {valid[-1]} for levels={levels} "
                          f"({', '.join(map(str, valid))}), got {steps!r}")

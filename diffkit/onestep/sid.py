@@ -51,6 +51,7 @@ from diffkit.grids import karras
 from diffkit.samplers.noise import resolve
 
 ROLES = ("generator", "fake", "fake_frozen")
+SIGMA_INIT = 2.5  # the generator's fixed input noise level (reference code, run_sid.sh)
 
 
 class _Pair(nn.Module):
@@ -102,7 +103,7 @@ class SiD:
 
     phases = ("fake", "generator")
 
-    def __init__(self, teacher: Callable[..., Tensor], *, alpha: float = 1.2, sigma_init: float = 2.5,
+    def __init__(self, teacher: Callable[..., Tensor], *, alpha: float = 1.2, sigma_init: float = SIGMA_INIT,
                  t_max: float = 800, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                  p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5,
                  generator_scale: float = 100.0, fake_scale: float = 1.0):
@@ -186,7 +187,7 @@ def _call(denoiser: Callable[..., Tensor], x: Tensor, sigma: Tensor, cond: Tenso
     return denoiser(x, sigma) if cond is None else denoiser(x, sigma, cond)
 
 
-def sid_sample(generator: nn.Module | Callable[..., Tensor], z: Tensor, *, sigma_init: float = 2.5,
+def sid_sample(generator: nn.Module | Callable[..., Tensor], z: Tensor, *, sigma_init: float = SIGMA_INIT,
                steps: int = 1, cond: Tensor | None = None, sigma_min: float = 0.002,
                noise: NoiseSource | None = None) -> Tensor:
     """Samples (B, ...) from a SiD generator G (the EMA's) and z ~ N(0, I) (B, ...), with `steps` calls of G.
