@@ -2,8 +2,9 @@
 
 For each dataset (the 2-D checkerboard, sklearn digits) the benchmark trains a flow-matching teacher
 (configs/<data>-fm.yaml), then with the same number of training steps a shortcut model (configs/<data>-shortcut.yaml),
-a 2-rectified flow on couples drawn from the teacher (Heun, 35 NFE), a one-step distillation of that 2-RF on
-its own couples, and a SiD generator distilled from the teacher (these two with a third of the steps). Every model is scored at NFE 1, 2 and 4
+a 2-rectified flow on couples drawn from the teacher, a one-step distillation of that 2-RF on its own
+couples (both sets drawn with the teacher's best ODE sampler and grid at 35 NFE), and a SiD generator distilled
+from the teacher (its own step count: a SiD step is two optimizer phases). Every model is scored at NFE 1, 2, 4
 (the teacher also at 35 NFE; the teacher always with its best ODE sampler and grid) by the distance of its
 samples to the held-out split: sliced Wasserstein for the checkerboard, the classifier Fréchet distance for
 digits (its real-data floor is train split vs held-out split).
@@ -33,8 +34,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NFES = (1, 2, 4)
 TEACHER_OPTIONS = [(s, g) for s in ("euler", "heun", "dpmpp_2m") for g in ("uniform_t", "distill", "karras")]
 SETTINGS = {  # per dataset: training steps per model, couples, samples scored, the metric
-    "checkerboard": {"steps": 3000, "couples": 20000, "n": 2000, "metric": "sliced_wasserstein"},
-    "digits": {"steps": 3000, "couples": 10000, "n": 1000, "metric": "digits_fd"},
+    "checkerboard": {"steps": 3000, "sid_steps": 4000, "couples": 20000, "n": 2000, "metric": "sliced_wasserstein"},
+    "digits": {"steps": 3000, "sid_steps": 4000, "couples": 10000, "n": 1000, "metric": "digits_fd"},
 }
 
 
@@ -55,9 +56,10 @@ def teacher_rows(folder: Path, metric: str, n: int) -> tuple[list[dict], dict[st
             steps = generate.steps_for_nfe(sampler, nfe)
             d, used, x = score(folder, [f"sample.grid={grid}"], metric, n, sampler=sampler, steps=steps)
             if used <= nfe and (best is None or d < best[0]):
-                best = (d, used, x, f"{sampler}, {grid} grid, {used} NFE used")
+                best = (d, used, x, {"sampler": sampler, "grid": grid, "steps": steps})
         rows.append({"method": "teacher" if nfe == 35 else "teacher (best ODE sampler)", "nfe": nfe,
-                     "distance": best[0], "how": best[3]})
+                     "distance": best[0], **best[3],
+                     "how": f"{best[3]['sampler']}, {best[3]['grid']} grid, {best[1]} NFE used"})
         if nfe in (1, 35):
             shown[f"teacher, {nfe} NFE"] = best[2]
     return rows, shown
@@ -66,7 +68,7 @@ def teacher_rows(folder: Path, metric: str, n: int) -> tuple[list[dict], dict[st
 def bench_dataset(data: str, work: Path, quick: bool) -> dict:
     s = dict(SETTINGS[data])
     if quick:
-        s.update(steps=60, couples=512, n=256)
+        s.update(steps=60, sid_steps=30, couples=512, n=256)
     metric, n, steps = s["metric"], s["n"], s["steps"]
     budget = [f"train.steps={steps}", f"train.checkpoint_every={max(steps // 6, 1)}"]
     times = {}
@@ -82,15 +84,17 @@ def bench_dataset(data: str, work: Path, quick: bool) -> dict:
     timed("teacher", lambda: run.train_run(configs.load(CONFIGS / f"{data}-fm.yaml", budget), teacher, progress=False))
     timed("shortcut", lambda: run.train_run(configs.load(CONFIGS / f"{data}-shortcut.yaml", budget), shortcut,
                                             progress=False))
-    timed("reflow", lambda: run.reflow_run(teacher, reflow2, n=s["couples"], sampler="heun", steps=18,
-                                           overrides=budget, progress=False))
-    # The distilled 2-RF and SiD (three nets per step, two optimizer phases) get a third of the budget.
-    third = [f"train.steps={steps // 3}", f"train.checkpoint_every={max(steps // 6, 1)}"]
-    timed("reflow_distill", lambda: run.reflow_run(reflow2, distilled, n=s["couples"], sampler="euler", steps=4,
-                                                   distill=1, overrides=third, progress=False))
-    timed("sid", lambda: run.distill_run(teacher, sid, method="sid", overrides=third, progress=False))
-
+    # Couples (for the 2-RF from the teacher, for its distillation from the 2-RF) are drawn with the teacher's
+    # best ODE sampler and grid at 35 NFE.
     rows, shown = teacher_rows(teacher, metric, n)
+    ode = {k: rows[-1][k] for k in ("sampler", "grid", "steps")}
+    timed("reflow", lambda: run.reflow_run(teacher, reflow2, n=s["couples"], **ode, overrides=budget, progress=False))
+    timed("reflow_distill", lambda: run.reflow_run(reflow2, distilled, n=s["couples"], **ode, distill=1,
+                                                   overrides=budget, progress=False))
+    # SiD takes two optimizer phases and four network calls per step: its own step count.
+    timed("sid", lambda: run.distill_run(teacher, sid, method="sid", progress=False, overrides=[
+        f"train.steps={s['sid_steps']}", f"train.checkpoint_every={max(s['sid_steps'] // 4, 1)}"]))
+
     for label, folder, nfes in (("shortcut", shortcut, NFES), ("2-rectified flow", reflow2, NFES),
                                 ("2-RF distilled to 1 step", distilled, (1,)), ("SiD (alpha 1.2)", sid, NFES)):
         for nfe in nfes:
@@ -134,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         report.panels(image, r.pop("shown"), title=f"{r['data']}: samples at 1 NFE next to the teacher")
         text += [f"## {r['data']} ({r['metric']})", "",
                  f"Real-data floor (train split vs held-out split): {r['real_data_floor']:.4g}. Training steps per "
-                 f"model: {r['settings']['steps']} (the distilled 2-RF and SiD: a third); couples: {r['settings']['couples']}; "
-                 f"{r['settings']['n']} samples per row. Wall-clock per stage in this invocation (s; a stage resumed from --work takes ~0): {r['train_seconds']}.", "",
+                 f"model: {r['settings']['steps']} (SiD: {r['settings']['sid_steps']}); couples: {r['settings']['couples']}; "
+                 f"{r['settings']['n']} samples per row; couples drawn with the teacher's best 35-NFE sampler. Wall-clock per stage in this invocation (s; a stage resumed from --work takes ~0): {r['train_seconds']}.", "",
                  report.table(r["rows"], ["method", "nfe", "distance", "over_teacher_35nfe", "how"]), "",
                  f"Best one-step model: {best1['method']}, {best1['over_teacher_35nfe']:.3g}x the teacher's 35-NFE "
                  "distance.", "", f"![{r['data']}]({image.name})", ""]

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from diffkit import cli
+from diffkit import cli, generate, run
+from diffkit import config as configs
+from diffkit.onestep import reflow
 
 pytest.importorskip("diffusers")
 
@@ -19,3 +21,22 @@ def test_sampler_benchmark_quick_writes_results(tmp_path):
         assert "DPM++ 2M (karras)" in labels and "dpmpp_2m (calibrated grid)" in labels
         assert all(math.isfinite(r["median"]) for r in t["rows"] if "median" in r)
         assert set(t["verdict"]["per_nfe"]) == {"5", "10"}
+
+
+def test_onestep_benchmark_quick_writes_results(tmp_path):
+    assert cli.main(["bench", "onestep", "--quick", "--data", "checkerboard", "--out", str(tmp_path),
+                     "--work", str(tmp_path / "work")]) == 0
+    res = json.loads((tmp_path / "onestep.json").read_text())
+    (data,) = res["datasets"]
+    methods = {(r["method"], r["nfe"]) for r in data["rows"]}
+    assert methods >= {("teacher", 35), ("shortcut", 1), ("2-RF distilled to 1 step", 1), ("SiD (alpha 1.2)", 4)}
+    assert all(math.isfinite(r["distance"]) for r in data["rows"])
+    # The couples of both reflow runs were drawn with the teacher's best sampler at 35 NFE.
+    best = next(r for r in data["rows"] if r["method"] == "teacher")
+    teacher_cfg = run.load_run(tmp_path / "work" / "checkerboard-teacher")[0]
+    sigmas = generate.grid(configs.derive(teacher_cfg, [f"sample.grid={best['grid']}"]), best["steps"])
+    for run_dir in ("checkerboard-2rf", "checkerboard-2rf-distilled"):
+        meta = reflow._read_shard(tmp_path / "work" / run_dir / "couples" / "couples-00000.safetensors")[1]
+        assert meta["sampler"] == best["sampler"]
+        assert meta["sigmas"] == pytest.approx(sigmas.tolist())
+    assert (tmp_path / "onestep.md").exists() and (tmp_path / "onestep-checkerboard.png").exists()

@@ -113,11 +113,13 @@ def test_reflow_couples_init_grid_and_resume(teacher, tmp_path):
     assert cli.main(argv) == 0
     tcfg, tmodel, shape, _ = run.load_run(teacher)
 
-    # The couples: couple i is (z_i, the teacher's 4-step Euler sample from z_i), z_i seeded by (seed, i).
+    # The couples: couple i is (z_i, the teacher's 4-step Euler sample from z_i on the default karras grid),
+    # z_i seeded by (seed, i).
     z, x1, labels = reflow.load_couples(out / "couples")
     assert labels is None
     torch.testing.assert_close(z, noise(7, 40, shape), rtol=0, atol=0)
-    want, nfe = generate.sample(tmodel, tcfg, shape, 40, sampler="euler", steps=4, seed=7, progress=False)
+    karras = configs.derive(tcfg, ["sample.grid=karras"])
+    want, nfe = generate.sample(tmodel, karras, shape, 40, sampler="euler", steps=4, seed=7, progress=False)
     assert nfe == 4
     torch.testing.assert_close(x1, want, rtol=0, atol=1e-5)
 
@@ -177,6 +179,7 @@ def test_distill_starts_generator_and_fake_from_the_teacher(teacher, tmp_path):
     assert cfg.objective.name == "sid" and cfg.objective.args == {"alpha": 0.5}
     assert cfg.model.init == str(teacher) and cfg.sample.steps == 1
     assert (cfg.train.adam_beta1, cfg.train.grad_clip, cfg.train.cosine) == (0.0, float("inf"), False)
+    assert cfg.train.ema_rampup == 0.05  # the EMA generator must forget its teacher initialisation
     objective = configs.objective(cfg, 0, teacher=run.load_run(teacher)[1])
     assert objective.alpha == 0.5 and objective.sigma_init == 2.5
 

@@ -40,6 +40,7 @@ class TrainSettings:
     cosine: bool = True
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_rampup: float = 0.0  # EDM's ramp-up ratio: EMA half-life <= ratio x steps so far (0: off; SiD 0.05)
     checkpoint_every: int = 500
     keep: int = 3
     log_every: int = 50
@@ -81,7 +82,7 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
     device = next(model.parameters()).device
     use_bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
 
-    ema = EMA(model, settings.ema_decay)
+    ema = EMA(model, settings.ema_decay, settings.ema_rampup)
     # Objectives that build targets from the EMA weights (shortcut models) declare `uses_ema = True`.
     ema_arg = {"ema": ema.model} if getattr(objective, "uses_ema", False) else {}
     # Objectives that alternate between parts of the model (SiD: fake score, then generator) name their
@@ -162,7 +163,7 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
             norms.append(grad_norm)
         if torch.isfinite(torch.stack(losses + norms)).all():
             consecutive = 0
-            ema.update(model)
+            ema.update(model, step + 1)
         else:  # skip the step, keep count, stop after too many in a row
             consecutive, skipped_total = consecutive + 1, skipped_total + 1
             if consecutive >= settings.max_nonfinite:
