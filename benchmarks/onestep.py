@@ -106,7 +106,9 @@ def bench_dataset(data: str, work: Path, quick: bool) -> dict:
     train_x, _ = configs.dataset(configs.load(CONFIGS / f"{data}-fm.yaml"), "train")
     floor = metrics.digits_fd(train_x, held) if data == "digits" else \
         metrics.sliced_wasserstein(train_x[:n], held[:n], generator=torch.Generator().manual_seed(0))
+    straight = json.loads((reflow2 / "straightness.json").read_text())
     return {"data": data, "metric": metric, "settings": s, "train_seconds": times, "real_data_floor": floor,
+            "straightness": {"teacher": straight["straightness_before"], "2-RF": straight["straightness_after"]},
             "rows": rows, "shown": {"held-out data": held[:n], **shown}}
 
 
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"model: {r['settings']['steps']} (SiD: {r['settings']['sid_steps']}); couples: {r['settings']['couples']}; "
                  f"{r['settings']['n']} samples per row; couples drawn with the teacher's best 35-NFE sampler. Wall-clock per stage in this invocation (s; a stage resumed from --work takes ~0): {r['train_seconds']}.", "",
                  report.table(r["rows"], ["method", "nfe", "distance", "over_teacher_35nfe", "how"]), "",
+                 f"Straightness of the Euler trajectories (Liu et al. 2022; 0 = straight): teacher "
+                 f"{r['straightness']['teacher']:.4g}, 2-RF {r['straightness']['2-RF']:.4g}.", "",
                  f"Best one-step model: {best1['method']}, {best1['over_teacher_35nfe']:.3g}x the teacher's 35-NFE "
                  "distance.", "", f"![{r['data']}]({image.name})", ""]
         out["datasets"].append(r)

@@ -166,7 +166,29 @@ def reflow_run(teacher_dir: Path, out_dir: Path, *, n: int, sampler: str, steps:
     sigmas = generate.grid(configs.derive(cfg, [f"sample.grid={grid}"]), steps)
     reflow.make_couples(model, sampler, sigmas, shape, n, out_dir / "couples", seed=seed,
                         labels=labels, device=_device(), progress=progress)
-    return train_run(new, out_dir, progress=progress)
+    train_run(new, out_dir, progress=progress)
+    # Straightness (Liu et al. 2022, §2.3) of the flow the couples came from and of the new one, on the same noise.
+    before, after = (_straightness(m, shape, n_classes) for m in (model, load_run(out_dir)[1]))
+    result = {"straightness_before": before, "straightness_after": after, "n": STRAIGHTNESS_N,
+              "sampler": "euler", "grid": f"uniform_t, {STRAIGHTNESS_STEPS} steps", "seed": 0}
+    report.atomic_write(out_dir / "straightness.json", json.dumps(result, indent=2))
+    with open(out_dir / "report.md", "a") as f:
+        f.write(f"Straightness of the trajectories (Liu et al. 2022; 0 is straight; {STRAIGHTNESS_N} samples, "
+                f"{STRAIGHTNESS_STEPS} Euler steps): {before:.4g} for {teacher_dir}, {after:.4g} after reflow.\n")
+    return out_dir
+
+
+STRAIGHTNESS_N, STRAIGHTNESS_STEPS = 512, 128
+
+
+@torch.no_grad()
+def _straightness(model: torch.nn.Module, shape: tuple[int, ...], n_classes: int) -> float:
+    """Mean straightness of a flow's Euler trajectories from STRAIGHTNESS_N seeded noises (labels cycled)."""
+    device = _device()
+    z = torch.randn((STRAIGHTNESS_N, *shape), generator=torch.Generator().manual_seed(0)).to(device)
+    labels = (torch.arange(STRAIGHTNESS_N) % n_classes).to(device) if n_classes else None
+    denoiser = model if labels is None else (lambda x, sigma: model(x, sigma, labels))
+    return reflow.straightness(denoiser, z, STRAIGHTNESS_STEPS).mean().item()
 
 
 def _quote(folder: str | Path) -> str:

@@ -39,4 +39,5 @@ def test_onestep_benchmark_quick_writes_results(tmp_path):
         meta = reflow._read_shard(tmp_path / "work" / run_dir / "couples" / "couples-00000.safetensors")[1]
         assert meta["sampler"] == best["sampler"]
         assert meta["sigmas"] == pytest.approx(sigmas.tolist())
+    assert data["straightness"]["teacher"] > 0 and "Straightness" in (tmp_path / "onestep.md").read_text()
     assert (tmp_path / "onestep.md").exists() and (tmp_path / "onestep-checkerboard.png").exists()

@@ -140,6 +140,14 @@ def test_reflow_couples_init_grid_and_resume(teacher, tmp_path):
     result = run.eval_run(out, sampler=None, steps=1, n=100, seed=0, progress=False)
     assert (result["sampler"], result["nfe"]) == ("euler", 1) and (out / "eval-euler-1nfe.json").exists()
 
+    # Straightness before and after, on the same seeded noise: lr = 0 left the teacher's weights, so they agree.
+    got = json.loads((out / "straightness.json").read_text())
+    z = torch.randn((run.STRAIGHTNESS_N, *shape), generator=torch.Generator().manual_seed(0))
+    want = reflow.straightness(tmodel, z, run.STRAIGHTNESS_STEPS).mean().item()
+    assert got["straightness_before"] == pytest.approx(want, rel=1e-6) and want > 1e-3
+    assert got["straightness_after"] == pytest.approx(want, rel=1e-6)
+    assert "Straightness of the trajectories" in (out / "report.md").read_text()
+
     # Rerunning the command resumes: the shards are checked, not redrawn, and no step is trained again.
     def shards():
         return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "couples").glob("couples-*.safetensors")}
@@ -167,6 +175,12 @@ def test_reflow_distill_learns_a_one_step_map_of_its_couples(teacher, tmp_path):
     dist = lambda a: ((a - x1) ** 2).sum(1).mean().item()  # noqa: E731
     assert nfe == 1
     assert dist(one_step) < 0.5 * dist(before) < 0.01
+    # straightness.json's "after" is the trained model's own (it moved away from the teacher's "before").
+    got = json.loads((out / "straightness.json").read_text())
+    zs = torch.randn((run.STRAIGHTNESS_N, *shape), generator=torch.Generator().manual_seed(0))
+    after = reflow.straightness(model, zs, run.STRAIGHTNESS_STEPS).mean().item()
+    assert got["straightness_after"] == pytest.approx(after, rel=1e-6)
+    assert got["straightness_after"] != pytest.approx(got["straightness_before"], rel=1e-2)
 
 
 # --- distillation (SiD / FGM) ---------------------------------------------------------------------------------
