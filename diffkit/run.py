@@ -199,7 +199,7 @@ def _quote(folder: str | Path) -> str:
 # SiD from a trained start: Adam beta1 = 0, no clipping, and an EMA whose half-life ramps up as 0.05 x the steps
 # so far (Zhou et al. 2024, run_sid.sh). The EMA generator is the one sampled, and it starts as the teacher: a
 # fixed 0.999 decay kept 37% of the teacher after 1000 steps (digits FD 26.6 at 1 NFE; with the ramp-up, 3.2).
-# The paper's lr 1e-5 is for 56M-parameter UNets at batch 256+; on digits (benchmarks/onestep.py runs) the MLP
+# The paper's lr 1e-5 is for 56M-parameter UNets at batch 256+; from the onestep bench's digits teacher the MLP
 # reached FD 1.98 at 2000 steps with lr 3e-4 against 2.34 with 1e-4.
 SID_TRAIN = ["train.lr=3e-4", "train.adam_beta1=0", "train.warmup=0", "train.cosine=false", "train.grad_clip=.inf",
              "train.steps=4000", "train.ema_decay=0.999", "train.ema_rampup=0.05"]
