@@ -87,7 +87,8 @@ def bench_dataset(data: str, work: Path, quick: bool) -> dict:
     # Couples (for the 2-RF from the teacher, for its distillation from the 2-RF) are drawn with the teacher's
     # best ODE sampler and grid at 35 NFE.
     rows, shown = teacher_rows(teacher, metric, n)
-    ode = {k: rows[-1][k] for k in ("sampler", "grid", "steps")}
+    best35 = next(row for row in rows if row["method"] == "teacher")
+    ode = {k: best35[k] for k in ("sampler", "grid", "steps")}
     timed("reflow", lambda: run.reflow_run(teacher, reflow2, n=s["couples"], **ode, overrides=budget, progress=False))
     timed("reflow_distill", lambda: run.reflow_run(reflow2, distilled, n=s["couples"], **ode, distill=1,
                                                    overrides=budget, progress=False))

@@ -139,6 +139,9 @@ def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, s
     return result
 
 
+STRAIGHTNESS_N, STRAIGHTNESS_STEPS = 512, 128  # what reflow_run measures straightness on
+
+
 def reflow_run(teacher_dir: Path, out_dir: Path, *, n: int, sampler: str, steps: int, grid: str = "karras",
                seed: int = 0, distill: int = 0, overrides: list[str] = (), progress: bool = True) -> Path:
     """ReFlow (Liu et al. 2022, Alg. 1): couples from a trained rectified flow, then the next flow trained on them.
@@ -172,13 +175,10 @@ def reflow_run(teacher_dir: Path, out_dir: Path, *, n: int, sampler: str, steps:
     result = {"straightness_before": before, "straightness_after": after, "n": STRAIGHTNESS_N,
               "sampler": "euler", "grid": f"uniform_t, {STRAIGHTNESS_STEPS} steps", "seed": 0}
     report.atomic_write(out_dir / "straightness.json", json.dumps(result, indent=2))
-    with open(out_dir / "report.md", "a") as f:
-        f.write(f"Straightness of the trajectories (Liu et al. 2022; 0 is straight; {STRAIGHTNESS_N} samples, "
-                f"{STRAIGHTNESS_STEPS} Euler steps): {before:.4g} for {teacher_dir}, {after:.4g} after reflow.\n")
+    report.atomic_write(out_dir / "report.md", (out_dir / "report.md").read_text() + (
+        f"Straightness of the trajectories (Liu et al. 2022; 0 is straight; {STRAIGHTNESS_N} samples, "
+        f"{STRAIGHTNESS_STEPS} Euler steps): {before:.4g} for {teacher_dir}, {after:.4g} after reflow.\n"))
     return out_dir
-
-
-STRAIGHTNESS_N, STRAIGHTNESS_STEPS = 512, 128
 
 
 @torch.no_grad()

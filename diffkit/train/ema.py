@@ -43,7 +43,7 @@ class EMA:
             raise ValueError("an EMA with a ramp-up needs the update's number n")
         ema = [p for p in self.model.parameters()]
         live = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema, live, 1 - (self.decay_at(n) if self.rampup else self.decay))
+        torch._foreach_lerp_(ema, live, 1 - self.decay_at(n))
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 

@@ -1,3 +1,4 @@
+import math
 import os
 import signal
 import subprocess
@@ -127,3 +128,31 @@ def test_lr_schedule():
 def test_bad_batch_split(tmp_path):
     with pytest.raises(ValueError, match="multiple of world size"):
         train(tiny_model(), Flaky(lambda c: False), torch.randn(32, 2), None, TrainSettings(batch=10, micro_batch=4), tmp_path)
+
+
+class Recording:
+    """A plain regression objective that records the weights each training step starts from."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, model, x0, cond=None, *, generator=None):
+        self.seen.append([p.detach().clone() for p in model.parameters()])
+        return ((model(x0, torch.ones(len(x0))) - x0) ** 2).mean(1)
+
+
+def test_loop_ema_takes_the_ramped_decay_of_each_step(tmp_path):
+    # EMA_n = beta_n EMA_{n-1} + (1 - beta_n) w_n, beta_n = 0.5 ** (1 / min(H, r n)): with r = 0.5 the early
+    # decays are 0.25, 0.5, ...; a loop that ignored the ramp-up (0.999) or counted from 0 would differ.
+    settings = TrainSettings(steps=6, batch=8, warmup=1, lr=1e-2, ema_decay=0.999, ema_rampup=0.5, log_every=6,
+                             checkpoint_every=6)
+    model, objective = tiny_model(), Recording()
+    ema = train(model, objective, torch.randn(32, 2), None, settings, tmp_path, progress=False)
+    after_each_step = objective.seen[1:] + [[p.detach() for p in model.parameters()]]
+    want, half_life = objective.seen[0], math.log(0.5) / math.log(0.999)
+    for n, weights in enumerate(after_each_step, 1):
+        beta = 0.5 ** (1 / min(half_life, 0.5 * n))
+        want = [beta * a + (1 - beta) * w for a, w in zip(want, weights)]
+    for got, expected in zip(ema.model.parameters(), want):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (want[0] - objective.seen[0][0]).abs().max() > 1e-3  # the weights moved, so the check has teeth
