@@ -2,8 +2,8 @@
 
 Both nets are built at the same configuration (default: DDPM's CIFAR-10 net, 35.7M parameters; diffusers' blocks
 with the same attention levels, head width and dropout) and run the same way, with PyTorch's own tools: bf16
-autocast and fused AdamW on CUDA, channels_last weights, cudnn.benchmark, and in the "compiled" rows
-torch.compile (diffkit.train.fast; inductor on CUDA, aot_eager elsewhere). Nothing in either net is rewritten.
+autocast on CUDA, fused AdamW (diffkit.train.optim), channels_last weights, cudnn.benchmark, and in the "compiled"
+rows torch.compile (diffkit.train.fast; inductor on CUDA, aot_eager elsewhere). Nothing in either net is rewritten.
 
 Training: one step is the real objective's forward + backward + AdamW step: ours is diffkit.objectives.Denoising
 on Precond(UNet, VPLinear, "eps"); diffusers' is the eps-prediction MSE of its training example (DDPMScheduler
@@ -16,22 +16,28 @@ Sampling: images/s of a deterministic DDIM loop at each NFE: ours is diffkit.sam
 mode="reduce-overhead" as diffusers' documentation recommends. "host_syncs" counts synchronizing CUDA calls in
 one run of the loop (torch.cuda.set_sync_debug_mode).
 
-    diffkit bench throughput [--quick] [--out DIR] [--device DEV]
+    diffkit bench throughput [--quick] [--part all|train|sample] [--batches 128,512] [--sample-batches 128,1024]
+                             [--nfes 1,10,35] [--compile-mode MODE] [--fresh] [--out DIR] [--device DEV]
 
-Writes throughput.json / .md under --out (default benchmarks/results). The JSON's top level carries `device` and the
-headline ratios of images/s, ours over diffusers', both compiled and measured in this run (null when not measured):
-`train_speedup_vs_diffusers_compiled_bs512` and `sampling_speedup_nfe10`. --quick is a seconds-long smoke run of a
+Writes throughput.json / .md under --out (default benchmarks/results) after every row, so a run cut short keeps what
+it measured. A later run on the same device, versions and net adds its rows to the file (a row measured again
+replaces the old one; --fresh starts over), so the benchmark can be run in parts, e.g. on a machine lent in
+10-minute slices: `--part train --batches 512`, then `--part sample --sample-batches 1024 --nfes 10`, and so on.
+The JSON's top level carries `device` and the headline ratios of images/s, ours over diffusers', both compiled
+(null while not measured): `train_speedup_vs_diffusers_compiled_bs512`, and `sampling_speedup_nfe10` at the
+largest sample batch measured for both (`sampling_speedup_nfe10_batch`). --quick is a seconds-long smoke run of a
 tiny net (on CPU: the same tables, not a measurement).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -43,19 +49,20 @@ from diffkit.nets.unet import UNet
 from diffkit.objectives import Denoising
 from diffkit.paths import VPLinear
 from diffkit.precond import Precond
-from diffkit.train import fast
+from diffkit.train import fast, optim
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 import diffusers  # noqa: E402
 
 CIFAR = {"channels": 128, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2, "attn_resolutions": (16,),
          "image_size": 32, "dropout": 0.1, "head_channels": 64}
-FULL = {"net": CIFAR, "batches": (128, 512), "train_warmup": 5, "train_steps": 20, "sample_batch": 128,
-        "nfes": (1, 10, 35), "sample_warmup": 3, "sample_repeats": 5, "gemm_n": 8192, "gemm_reps": 50}
+FULL = {"net": CIFAR, "batches": (128, 512), "train_warmup": 5, "train_steps": 20, "sample_batches": (128, 1024),
+        "nfes": (1, 10, 35), "sample_warmup": 3, "sample_repeats": 5, "gemm_n": 8192, "gemm_reps": 50,
+        "compile_mode": None}
 QUICK = {"net": {**CIFAR, "channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (8,),
                  "image_size": 16},
-         "batches": (4,), "train_warmup": 1, "train_steps": 2, "sample_batch": 4, "nfes": (1, 2), "sample_warmup": 1,
-         "sample_repeats": 1, "gemm_n": 256, "gemm_reps": 3}
+         "batches": (4,), "train_warmup": 1, "train_steps": 2, "sample_batches": (4,), "nfes": (1, 2),
+         "sample_warmup": 1, "sample_repeats": 1, "gemm_n": 256, "gemm_reps": 3, "compile_mode": None}
 NOMINAL_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}  # dense bf16 peak; first match in the name
 PATH = VPLinear()
 LR = 1e-4
@@ -93,15 +100,16 @@ def diffusers_loss(unet, scheduler, x0: torch.Tensor, gen: torch.Generator) -> t
     return F.mse_loss(unet(scheduler.add_noise(x0, eps, t), t).sample.float(), eps)
 
 
-def train_setup(name: str, cfg: dict, device: torch.device, compile: bool) -> tuple[Callable, torch.optim.Optimizer]:
+def train_setup(name: str, cfg: dict, device: torch.device, compile: bool,
+                mode: str | None = None) -> tuple[Callable, torch.optim.Optimizer]:
     """(loss(x0, gen), optimizer) for "ours" or "diffusers", the net on `device`, seeded, compiled if asked."""
     torch.manual_seed(0)
     if name == "ours":
-        model = Precond(fast.prepare(ours_net(cfg), device, compile=compile), PATH, "eps")
-        return (lambda x0, gen: ours_loss(model, x0, gen)), fast.adamw(model.parameters(), device, LR)
-    unet = fast.prepare(diffusers_net(cfg), device, compile=compile)
+        model = Precond(fast.prepare(ours_net(cfg), device, compile=compile, mode=mode), PATH, "eps")
+        return (lambda x0, gen: ours_loss(model, x0, gen)), optim.build(model, lr=LR)[0]
+    unet = fast.prepare(diffusers_net(cfg), device, compile=compile, mode=mode)
     scheduler = diffusers.DDPMScheduler()
-    return (lambda x0, gen: diffusers_loss(unet, scheduler, x0, gen)), fast.adamw(unet.parameters(), device, LR)
+    return (lambda x0, gen: diffusers_loss(unet, scheduler, x0, gen)), optim.build(unet, lr=LR)[0]
 
 
 def train_step(loss: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
@@ -133,38 +141,41 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def seconds_per_call(fn: Callable[[], object], warmup: int, calls: int, device: torch.device) -> float:
+def timed(fn: Callable[[], object], warmup: int, calls: int, device: torch.device) -> tuple[float, float]:
+    """(seconds per call over `calls` timed calls, seconds of the `warmup` calls before them, compilation included)."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         fn()
     sync(device)
-    t0 = time.perf_counter()
+    t1 = time.perf_counter()
     for _ in range(calls):
         fn()
     sync(device)
-    return (time.perf_counter() - t0) / calls
+    return (time.perf_counter() - t1) / calls, t1 - t0
 
 
 def gemm_flops(device: torch.device, n: int, reps: int) -> dict:
     """FLOP/s of an n x n x n matmul, bf16 on CUDA (fp32 elsewhere): the practical peak MFU is also read against."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    sec = seconds_per_call(lambda: a @ b, 2, reps, device)
+    sec, _ = timed(lambda: a @ b, 2, reps, device)
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "flops": 2 * n**3 / sec}
 
 
 def bench_train(name: str, compile: bool, batch: int, s: dict, device: torch.device, flops: float, peaks: dict) -> dict:
-    loss, opt = train_setup(name, s["net"], device, compile)
+    loss, opt = train_setup(name, s["net"], device, compile, s["compile_mode"])
     size = s["net"]["image_size"]
     x0 = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     gen = torch.Generator(device).manual_seed(0)
     last = {}
-    sec = seconds_per_call(lambda: last.update(loss=train_step(lambda: loss(x0, gen), opt, device)),
-                           s["train_warmup"], s["train_steps"], device)
+    sec, first = timed(lambda: last.update(loss=train_step(lambda: loss(x0, gen), opt, device)),
+                       s["train_warmup"], s["train_steps"], device)
     achieved = flops * batch / sec
     return {"model": name, "mode": "compiled" if compile else "eager", "batch": batch, "images_per_s": batch / sec,
-            "step_ms": 1e3 * sec, "gflop_per_image": flops / 1e9, "tflop_per_s": achieved / 1e12,
+            "step_ms": 1e3 * sec, "warmup_s": first, "gflop_per_image": flops / 1e9, "tflop_per_s": achieved / 1e12,
             "mfu_nominal": achieved / peaks["nominal"] if peaks["nominal"] else None,
-            "mfu_vs_gemm": achieved / peaks["gemm"], "loss": last["loss"].item()}
+            "mfu_vs_gemm": achieved / peaks["gemm"], "gemm_tflop_per_s": peaks["gemm"] / 1e12,
+            "loss": last["loss"].item()}
 
 
 def ours_sampler(cfg: dict, device: torch.device, compile: bool, batch: int) -> Callable[[int], Callable]:
@@ -180,7 +191,7 @@ def ours_sampler(cfg: dict, device: torch.device, compile: bool, batch: int) -> 
 
 
 def diffusers_sampler(cfg: dict, device: torch.device, compile: bool, batch: int) -> Callable[[int], Callable]:
-    """nfe -> a thunk that runs diffusers' DDIMScheduler loop (trailing spacing) on its net."""
+    """nfe -> a thunk that runs diffusers' DDIMScheduler loop (trailing spacing) on its net, as DDIMPipeline does."""
     torch.manual_seed(0)
     unet = fast.prepare(diffusers_net(cfg), device, compile=compile, graphs=True)
 
@@ -213,15 +224,14 @@ def host_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def bench_sample(name: str, compile: bool, s: dict, device: torch.device) -> list[dict]:
-    make = ours_sampler if name == "ours" else diffusers_sampler
-    at, batch, rows = make(s["net"], device, compile, s["sample_batch"]), s["sample_batch"], []
+def bench_sample(name: str, compile: bool, batch: int, s: dict, device: torch.device) -> Iterator[dict]:
+    """One row per NFE for one net, mode and batch; the net is built (and compiled) once for all of them."""
+    at = (ours_sampler if name == "ours" else diffusers_sampler)(s["net"], device, compile, batch)
     for nfe in s["nfes"]:
         run = at(nfe)
-        sec = seconds_per_call(run, s["sample_warmup"], s["sample_repeats"], device)
-        rows.append({"model": name, "mode": "compiled" if compile else "eager", "nfe": nfe, "batch": batch,
-                     "images_per_s": batch / sec, "seconds": sec, "host_syncs": host_syncs(run, device)})
-    return rows
+        sec, first = timed(run, s["sample_warmup"], s["sample_repeats"], device)
+        yield {"model": name, "mode": "compiled" if compile else "eager", "nfe": nfe, "batch": batch,
+               "images_per_s": batch / sec, "seconds": sec, "warmup_s": first, "host_syncs": host_syncs(run, device)}
 
 
 def ratio(rows: list[dict], **where) -> float | None:
@@ -231,38 +241,98 @@ def ratio(rows: list[dict], **where) -> float | None:
     return rate["ours"] / rate["diffusers"] if {"ours", "diffusers"} <= set(rate) else None
 
 
+def headlines(r: dict) -> dict:
+    """The top-level ratios: training at batch 512; sampling at NFE 10 and the largest batch measured for both."""
+    both = [b for b in sorted({row["batch"] for row in r["sample"]}, reverse=True)
+            if ratio(r["sample"], nfe=10, batch=b) is not None]
+    return {"train_speedup_vs_diffusers_compiled_bs512": ratio(r["train"], batch=512),
+            "sampling_speedup_nfe10": ratio(r["sample"], nfe=10, batch=both[0]) if both else None,
+            "sampling_speedup_nfe10_batch": both[0] if both else None}
+
+
 def settings_record(s: dict, device: torch.device) -> dict:
-    """Every setting the numbers depend on, as written to the JSON."""
+    """The settings every row shares, as written to the JSON (rows carry their own batch and NFE)."""
     cuda = device.type == "cuda"
-    return {**s, "diffusers_net": diffusers_config(s["net"]), "train_objective": "eps MSE, VPLinear (DDPM betas)",
+    shared = {k: v for k, v in s.items() if k not in ("batches", "sample_batches", "nfes")}
+    return {**shared, "diffusers_net": diffusers_config(s["net"]), "train_objective": "eps MSE, VPLinear (DDPM betas)",
             "lr": LR, "sampler": "DDIM eta 0, trailing timesteps", "precision": "bf16 autocast" if cuda else "fp32",
-            "channels_last": True, "fused_adamw": cuda, "cudnn_benchmark": cuda,
-            "compile": "inductor (sampling: mode=reduce-overhead, CUDA graphs)" if cuda else "aot_eager",
+            "channels_last": True, "fused_adamw": True, "cudnn_benchmark": cuda,
+            "compile": (f"inductor (mode={s['compile_mode']}; sampling: mode=reduce-overhead, CUDA graphs)" if cuda
+                        else "aot_eager"),
             "threads": torch.get_num_threads()}
 
 
-def run_all(s: dict, device: torch.device) -> dict:
-    torch.backends.cudnn.benchmark = device.type == "cuda"
+IDENTITY = ("device", "torch", "diffusers", "parameters")  # with settings: which results may share one file
+
+
+def start(s: dict, device: torch.device, file: Path, fresh: bool) -> dict:
+    """The result this run adds rows to: the one in `file` if it was measured the same way, else a new one."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    gemm = gemm_flops(device, s["gemm_n"], s["gemm_reps"])
-    nominal = next((v for k, v in NOMINAL_BF16.items() if k in name), None)
-    peaks = {"nominal": nominal, "gemm": gemm["flops"]}
-    flops = {m: train_flops_per_image(m, s["net"], device) for m in ("ours", "diffusers")}
-    params = {m: sum(p.numel() for p in make(s["net"]).parameters())
-              for m, make in (("ours", ours_net), ("diffusers", diffusers_net))}
-    train = [bench_train(m, c, b, s, device, flops[m], peaks)
-             for b in s["batches"] for m in ("ours", "diffusers") for c in (False, True)]
-    sample = [row for m in ("ours", "diffusers") for c in (False, True) for row in bench_sample(m, c, s, device)]
-    return {"device": name, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "settings": settings_record(s, device), "parameters": params, "gemm": gemm,
-            "nominal_peak_flops": nominal, "train": train, "sample": sample,
-            "train_speedup_vs_diffusers_compiled_bs512": ratio(train, batch=512),
-            "sampling_speedup_nfe10": ratio(sample, nfe=10)}
+    new = {"device": name, "torch": torch.__version__, "diffusers": diffusers.__version__,
+           "settings": settings_record(s, device),
+           "parameters": {m: sum(p.numel() for p in make(s["net"]).parameters())
+                          for m, make in (("ours", ours_net), ("diffusers", diffusers_net))},
+           "nominal_peak_flops": next((v for k, v in NOMINAL_BF16.items() if k in name), None),
+           "gemm": None, "train": [], "sample": [], "commands": []}
+    if fresh or not file.exists():
+        return new
+    try:
+        old = json.loads(file.read_text())
+        same = all(old[k] == json.loads(json.dumps(new[k])) for k in (*IDENTITY, "settings"))
+    except (ValueError, KeyError, TypeError):
+        same = False
+    if not same:
+        print(f"{file} holds results measured another way (device, versions, net or settings): starting a new file",
+              file=sys.stderr)
+        return new
+    return {**new, **{k: old[k] for k in ("gemm", "train", "sample", "commands")}}
 
 
-TRAIN_COLUMNS = ["model", "mode", "batch", "images_per_s", "step_ms", "gflop_per_image", "tflop_per_s", "mfu_nominal",
-                 "mfu_vs_gemm", "loss"]
-SAMPLE_COLUMNS = ["model", "mode", "nfe", "batch", "images_per_s", "seconds", "host_syncs"]
+KEYS = {"train": ("model", "mode", "batch"), "sample": ("model", "mode", "nfe", "batch")}
+
+
+def add(r: dict, section: str, row: dict) -> None:
+    """Put `row` into r[section], replacing a row with the same key; rows stay in a fixed order."""
+    key = lambda x: tuple(x[k] for k in KEYS[section])  # noqa: E731
+    r[section] = sorted([x for x in r[section] if key(x) != key(row)] + [row],
+                        key=lambda x: (x["batch"], x.get("nfe", 0), x["model"] != "ours", x["mode"] != "eager"))
+    r.update(headlines(r))
+
+
+def save(r: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    report.atomic_write(out / "throughput.json", json.dumps(r, indent=1))
+    report.atomic_write(out / "throughput.md", markdown(r))
+
+
+def run(s: dict, device: torch.device, part: str, out: Path, fresh: bool, command: str) -> dict:
+    """Measure the chosen part, saving after every row (a run cut short keeps what it measured)."""
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    r = start(s, device, out / "throughput.json", fresh)
+    r["commands"] = [*r["commands"], command]
+    r.update(headlines(r))
+    save(r, out)
+    models, modes = ("ours", "diffusers"), (False, True)
+    if part in ("all", "train"):
+        r["gemm"] = gemm_flops(device, s["gemm_n"], s["gemm_reps"])
+        peaks = {"nominal": r["nominal_peak_flops"], "gemm": r["gemm"]["flops"]}
+        flops = {m: train_flops_per_image(m, s["net"], device) for m in models}
+        for b, m, c in itertools.product(s["batches"], models, modes):
+            add(r, "train", bench_train(m, c, b, s, device, flops[m], peaks))
+            save(r, out)
+            print(f"train {m} {'compiled' if c else 'eager'} batch {b}: done", file=sys.stderr, flush=True)
+    if part in ("all", "sample"):
+        for b, m, c in itertools.product(s["sample_batches"], models, modes):
+            for row in bench_sample(m, c, b, s, device):
+                add(r, "sample", row)
+                save(r, out)
+            print(f"sample {m} {'compiled' if c else 'eager'} batch {b}: done", file=sys.stderr, flush=True)
+    return r
+
+
+TRAIN_COLUMNS = ["model", "mode", "batch", "images_per_s", "step_ms", "warmup_s", "gflop_per_image", "tflop_per_s",
+                 "mfu_nominal", "mfu_vs_gemm", "loss"]
+SAMPLE_COLUMNS = ["model", "mode", "nfe", "batch", "images_per_s", "seconds", "warmup_s", "host_syncs"]
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -277,40 +347,61 @@ def _setup_text(r: dict) -> str:
     s, gemm = r["settings"], r["gemm"]
     nominal = f"{r['nominal_peak_flops'] / 1e12:.0f} TFLOP/s nominal bf16" if r["nominal_peak_flops"] else \
         "no nominal peak for this device"
-    return (f"Command: `{r['command']}` on {r['device']}, torch {r['torch']}, diffusers {r['diffusers']}. "
+    measured = (f"a {gemm['n']}^3 {gemm['dtype']} GEMM measured here at {gemm['flops'] / 1e12:.4g} TFLOP/s"
+                if gemm else "a GEMM measured with the training rows")
+    commands = "; ".join(f"`{c}`" for c in r["commands"])
+    return (f"Commands: {commands}, on {r['device']}, torch {r['torch']}, diffusers {r['diffusers']}. "
             f"Net: {s['net']} (parameters: ours {r['parameters']['ours']:,}, "
             f"diffusers {r['parameters']['diffusers']:,}). "
             f"Both run with: {s['precision']}, channels_last, fused AdamW {s['fused_adamw']}, cudnn.benchmark "
             f"{s['cudnn_benchmark']}; compiled rows: {s['compile']}. Training: {s['train_warmup']} warm-up + "
-            f"{s['train_steps']} timed steps. Sampling: {s['sampler']}, batch {s['sample_batch']}, "
-            f"{s['sample_warmup']} warm-up + {s['sample_repeats']} timed runs. MFU against {nominal} and against a "
-            f"{gemm['n']}^3 {gemm['dtype']} GEMM measured here at {gemm['flops'] / 1e12:.4g} TFLOP/s.")
+            f"{s['train_steps']} timed steps. Sampling: {s['sampler']}, {s['sample_warmup']} warm-up + "
+            f"{s['sample_repeats']} timed runs. warmup_s: the warm-up calls, compilation included. "
+            f"MFU against {nominal} and against {measured}.")
 
 
 def markdown(r: dict) -> str:
-    per_nfe = ", ".join(f"NFE {n}: {_speedup(ratio(r['sample'], nfe=n))}" for n in r["settings"]["nfes"])
+    pairs = sorted({(row["nfe"], row["batch"]) for row in r["sample"]})
+    per_nfe = ", ".join(f"NFE {n} batch {b}: {_speedup(ratio(r['sample'], nfe=n, batch=b))}" for n, b in pairs)
     return "\n".join([
         "# Training and sampling throughput: our UNet next to diffusers' UNet2DModel", "", _setup_text(r), "",
         "## Training (forward + backward + AdamW step)", "", _table(r["train"], TRAIN_COLUMNS), "",
         f"Ours / diffusers, compiled, batch 512: {_speedup(r['train_speedup_vs_diffusers_compiled_bs512'])}.", "",
         "## Sampling (DDIM, deterministic)", "", _table(r["sample"], SAMPLE_COLUMNS), "",
-        f"Ours / diffusers, compiled, images/s: {per_nfe}.", ""])
+        f"Ours / diffusers, compiled, images/s: {per_nfe or 'not measured'}.", ""])
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 128,512, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffkit bench throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run of a tiny net (CPU is fine)")
+    parser.add_argument("--part", choices=("all", "train", "sample"), default="all")
+    parser.add_argument("--batches", type=_ints, help="training batch sizes (default 128,512)")
+    parser.add_argument("--sample-batches", type=_ints, help="sampling batch sizes (default 128,1024)")
+    parser.add_argument("--nfes", type=_ints, help="sampling NFEs (default 1,10,35)")
+    parser.add_argument("--compile-mode", help="torch.compile mode of the compiled training rows, both nets "
+                                               "(e.g. max-autotune-no-cudagraphs; default: inductor's default)")
+    parser.add_argument("--fresh", action="store_true", help="start a new results file instead of adding to it")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu" and not args.quick:
         raise SystemExit("diffkit bench throughput: the full benchmark needs a GPU (--device cuda); on CPU use --quick")
-    result = {"command": "diffkit bench throughput" + (" --quick" if args.quick else ""),
-              **run_all(QUICK if args.quick else FULL, device)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    report.atomic_write(args.out / "throughput.json", json.dumps(result, indent=1))
-    report.atomic_write(args.out / "throughput.md", markdown(result))
+    s = dict(QUICK if args.quick else FULL)
+    s.update({k: v for k, v in (("batches", args.batches), ("sample_batches", args.sample_batches),
+                                ("nfes", args.nfes), ("compile_mode", args.compile_mode)) if v is not None})
+    command = "diffkit bench throughput " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = run(s, device, args.part, args.out, args.fresh, command.strip())
     print(markdown(result))
     return 0
 

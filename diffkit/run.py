@@ -102,12 +102,12 @@ def load_run(run_dir: Path) -> tuple[Config, torch.nn.Module, tuple[int, ...], i
 
 def sample_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, seed: int,
                guidance: float | None = None, label: int | None = None, out: Path | None = None,
-               progress: bool = True) -> Path:
+               fast: bool = False, progress: bool = True) -> Path:
     """Sample a trained run; writes samples.png, samples.safetensors and report.md into `out`."""
     cfg, model, shape, n_classes = load_run(run_dir)
     name = generate.sampler_name(cfg, sampler)
     x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, seed=seed, guidance=guidance,
-                             label=label, n_classes=n_classes, progress=progress)
+                             label=label, n_classes=n_classes, fast=fast, progress=progress)
     out = Path(out or Path(run_dir) / f"samples-{name}-{nfe}nfe-seed{seed}")
     out.mkdir(parents=True, exist_ok=True)
     save_file({"samples": x.contiguous()}, out / "samples.safetensors")
@@ -129,12 +129,13 @@ def evaluate(cfg: Config, samples: torch.Tensor) -> dict:
             "energy_distance": metrics.energy_distance(samples[:n], held[:n]), "mmd": metrics.mmd(samples[:n], held[:n])}
 
 
-def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, seed: int, progress: bool = True) -> dict:
+def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, seed: int, fast: bool = False,
+             progress: bool = True) -> dict:
     """Sample n and score them against the held-out split; writes eval-<sampler>-<nfe>.json in the run folder."""
     cfg, model, shape, n_classes = load_run(run_dir)
     name = generate.sampler_name(cfg, sampler)
-    x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, seed=seed, progress=progress)
-    result = {"sampler": name, "nfe": nfe, "n": n, "seed": seed, **evaluate(cfg, x)}
+    x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, seed=seed, fast=fast, progress=progress)
+    result = {"sampler": name, "nfe": nfe, "n": n, "seed": seed, "fast": fast, **evaluate(cfg, x)}
     report.atomic_write(Path(run_dir) / f"eval-{name}-{nfe}nfe.json", json.dumps(result, indent=2))
     return result
 

@@ -1,6 +1,10 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+import diffkit
 from diffkit import analytic, paths
 from diffkit.precond import Precond, from_x0_eps
 
@@ -51,3 +55,34 @@ class OracleNet(torch.nn.Module):
         x = x_in / alpha
         x0 = self.exact(x, sigma) + self.shift
         return from_x0_eps(x0, (x - x0) / sigma[:, None], self.kind, t, self.path)
+
+
+PACKAGE = str(Path(diffkit.__file__).parent)
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records every call that reads a tensor's value back to the host (on CUDA, a sync that stalls the queue),
+    with the name of the diffkit function that made it: a CPU stand-in for torch.cuda.set_sync_debug_mode.
+    Reads of tensors that live on the host anyway are recorded too; tests name the ones they expect."""
+
+    READS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "numpy", "cpu",
+                       "masked_select"})
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        bool_index = name == "__getitem__" and isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bool
+        if name in self.READS or bool_index:
+            frame = sys._getframe(1)
+            while frame is not None and not frame.f_code.co_filename.startswith(PACKAGE):
+                frame = frame.f_back
+            self.calls.append((name, frame.f_code.co_name if frame else "?"))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_reads():
+    return HostReads

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from diffkit import cli, data, generate, run
 from diffkit import config as configs
 from diffkit.eval import metrics
+from diffkit.train.fast import FastDenoiser
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["train.steps=400", "train.batch=256", "model.args={width: 128, depth: 3}", "train.checkpoint_every=400",
@@ -52,6 +53,22 @@ def test_sample_cli_is_reproducible_across_batch_sizes(trained, tmp_path):
     b, _ = generate.sample(model, cfg, shape, 10, seed=3, batch=4, progress=False)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert (tmp_path / "a" / "samples.png").exists()
+
+
+def test_fast_sampling_gives_the_plain_samples(trained, tmp_path, monkeypatch):
+    """--fast (compiled; bf16 and CUDA graphs only on CUDA) changes how the net runs, not what it computes; the
+    denoiser is compiled once per batch size (4, 4, 2 here: two), not once per batch."""
+    cfg, folder = trained
+    made = []
+    monkeypatch.setattr(generate, "FastDenoiser", lambda *a, **k: made.append(1) or FastDenoiser(*a, **k))
+    torch._dynamo.reset()
+    assert cli.main(["sample", str(folder), "--n", "10", "--fast", "--out", str(tmp_path / "fast")]) == 0
+    _, model, shape, _ = run.load_run(folder)
+    plain, _ = generate.sample(model, cfg, shape, 10, batch=4, progress=False)
+    fast, _ = generate.sample(model, cfg, shape, 10, batch=4, fast=True, progress=False)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(load_file(tmp_path / "fast" / "samples.safetensors")["samples"], plain, rtol=0, atol=1e-5)
+    assert len(made) == 1 + 2 and torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
 
 
 def test_eval_cli_scores_against_held_out(trained, capsys):

@@ -116,3 +116,102 @@ def test_bench_throughput_quick_writes_json_and_table(tmp_path, capsys):
     table = (tmp_path / "throughput.md").read_text()
     assert "| model | mode | batch | images_per_s |" in table and "| model | mode | nfe |" in table
     assert table.strip() in capsys.readouterr().out
+
+
+@pytest.fixture
+def fake_bench(monkeypatch):
+    """The benchmark's bookkeeping with made-up measurements: each row's images/s is 100 (ours) or 50 (diffusers)
+    times a per-call factor the test sets, so merged rows show which run wrote them."""
+    state = {"factor": 1.0, "fail_after": None, "rows": 0}
+
+    def row(model, **fields):
+        state["rows"] += 1
+        if state["fail_after"] is not None and state["rows"] > state["fail_after"]:
+            raise RuntimeError("out of time")
+        return {"model": model, "images_per_s": (100 if model == "ours" else 50) * state["factor"], **fields}
+
+    monkeypatch.setattr(tp, "gemm_flops", lambda device, n, reps: {"n": n, "dtype": "float32", "flops": 1e9})
+    monkeypatch.setattr(tp, "train_flops_per_image", lambda name, cfg, device: 1e6)
+    monkeypatch.setattr(tp, "bench_train", lambda name, compile, batch, s, device, flops, peaks: row(
+        name, mode="compiled" if compile else "eager", batch=batch))
+    monkeypatch.setattr(tp, "bench_sample", lambda name, compile, batch, s, device: (
+        row(name, mode="compiled" if compile else "eager", nfe=nfe, batch=batch) for nfe in s["nfes"]))
+    return state
+
+
+def _json(out):
+    return json.loads((out / "throughput.json").read_text())
+
+
+def test_runs_in_parts_add_up_and_a_rerun_replaces_its_rows(tmp_path, fake_bench):
+    quick = ["--quick", "--out", str(tmp_path)]
+    tp.main([*quick, "--part", "train", "--batches", "512"])
+    fake_bench["factor"] = 3.0  # diffusers' compiled row measured again below; ours keeps its first figure
+    tp.main([*quick, "--part", "sample", "--sample-batches", "128,1024", "--nfes", "10"])
+    r = _json(tmp_path)
+    assert len(r["train"]) == 4 and len(r["sample"]) == 8 and len(r["commands"]) == 2
+    assert r["train_speedup_vs_diffusers_compiled_bs512"] == 2.0
+    assert r["sampling_speedup_nfe10"] == 2.0 and r["sampling_speedup_nfe10_batch"] == 1024
+    fake_bench["factor"] = 0.5
+    tp.main([*quick, "--part", "train", "--batches", "512"])  # the same four rows again, now at half the rate
+    r = _json(tmp_path)
+    assert len(r["train"]) == 4 and {row["images_per_s"] for row in r["train"]} == {50.0, 25.0}
+    assert len(r["sample"]) == 8 and "batch 1024: 2x" in (tmp_path / "throughput.md").read_text()
+
+
+def test_the_sampling_headline_uses_the_largest_batch_measured_for_both(tmp_path, fake_bench):
+    tp.main(["--quick", "--out", str(tmp_path), "--part", "sample", "--sample-batches", "128", "--nfes", "10"])
+    r = _json(tmp_path)
+    r["sample"] = [row for row in r["sample"] if not (row["batch"] == 128 and row["model"] == "diffusers")]
+    r["sample"].append({"model": "ours", "mode": "compiled", "nfe": 10, "batch": 1024, "images_per_s": 7.0})
+    assert tp.headlines(r)["sampling_speedup_nfe10"] is None  # no batch has both nets at NFE 10
+    r["sample"].append({"model": "diffusers", "mode": "compiled", "nfe": 10, "batch": 1024, "images_per_s": 2.0})
+    assert tp.headlines(r) == {"train_speedup_vs_diffusers_compiled_bs512": None,
+                              "sampling_speedup_nfe10": 3.5, "sampling_speedup_nfe10_batch": 1024}
+
+
+def test_results_measured_another_way_or_fresh_start_a_new_file(tmp_path, fake_bench, capsys):
+    quick = ["--quick", "--out", str(tmp_path), "--part", "train"]
+    tp.main(quick)
+    tp.main([*quick, "--compile-mode", "max-autotune"])  # another compile mode: rows are not comparable
+    assert "starting a new file" in capsys.readouterr().err
+    r = _json(tmp_path)
+    assert len(r["commands"]) == 1 and r["settings"]["compile_mode"] == "max-autotune"
+    tp.main([*quick, "--compile-mode", "max-autotune", "--fresh"])
+    assert len(_json(tmp_path)["commands"]) == 1
+    (tmp_path / "throughput.json").write_text("{not json")
+    tp.main(quick)
+    assert len(_json(tmp_path)["train"]) == 4
+
+
+def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, fake_bench):
+    fake_bench["fail_after"] = 5  # four training rows, then one sampling row, then the run dies
+    with pytest.raises(RuntimeError, match="out of time"):
+        tp.main(["--quick", "--out", str(tmp_path)])
+    r = _json(tmp_path)
+    assert len(r["train"]) == 4 and len(r["sample"]) == 1
+    assert "| ours | eager | 1 | 4 |" in (tmp_path / "throughput.md").read_text()
+
+
+@pytest.mark.parametrize("bad", [["--batches", "x"], ["--nfes", "0"], ["--part", "both"]])
+def test_bad_arguments_are_clear_errors(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        tp.main(["--quick", *bad])
+    assert e.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_the_full_benchmark_refuses_a_cpu():
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        tp.main(["--device", "cpu"])
+
+
+@pytest.mark.parametrize("name", ["ours", "diffusers"])
+def test_a_training_step_reads_nothing_back(name, host_reads):
+    """The benchmark's step (forward, backward, fused AdamW) leaves the host free to queue the next one.
+    diffusers' step counts too: its rows would otherwise pay for syncs ours avoids."""
+    loss, opt = tp.train_setup(name, TINY, CPU, compile=False)
+    x0, gen = torch.randn(2, 3, 16, 16), torch.Generator().manual_seed(0)
+    tp.train_step(lambda: loss(x0, gen), opt, CPU)  # the optimizer's state is made on the first step
+    with host_reads() as reads:
+        tp.train_step(lambda: loss(x0, gen), opt, CPU)
+    assert reads.calls == []

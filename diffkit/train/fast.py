@@ -2,7 +2,6 @@
 
     prepare(net, device, compile=True)   channels_last weights, then torch.compile
     autocast(device)                     bf16 autocast on CUDA (a no-op elsewhere)
-    adamw(params, device)                AdamW, fused into one kernel on CUDA
     FastDenoiser(denoiser, device)       D(x, sigma) for samplers: no autograd, bf16, and on CUDA one CUDA graph
                                          replayed per call (torch.compile mode="reduce-overhead")
 
@@ -17,7 +16,6 @@ so the training loop, generate.py and user code can all call them. benchmarks/th
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -30,24 +28,19 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def compiled(fn, device: torch.device, *, graphs: bool = False, backend: str | None = None):
-    """torch.compile(fn) for fixed shapes: inductor on CUDA (plus CUDA graphs when `graphs`), aot_eager elsewhere,
-    or `backend`."""
+def compiled(fn, device: torch.device, *, graphs: bool = False, mode: str | None = None, backend: str | None = None):
+    """torch.compile(fn) for fixed shapes: inductor on CUDA (in `mode`, or with CUDA graphs when `graphs`), aot_eager
+    elsewhere, or `backend`."""
     if backend is None and device.type == "cuda":
-        return torch.compile(fn, mode="reduce-overhead" if graphs else None, dynamic=False)
+        return torch.compile(fn, mode="reduce-overhead" if graphs else mode, dynamic=False)
     return torch.compile(fn, backend=backend or "aot_eager", dynamic=False)
 
 
 def prepare(net: nn.Module, device: torch.device, *, compile: bool = False, graphs: bool = False,
-            backend: str | None = None) -> nn.Module:
+            mode: str | None = None, backend: str | None = None) -> nn.Module:
     """net on `device` with channels_last conv weights (cuDNN's fast layout), compiled if `compile`."""
     net = net.to(device=device, memory_format=torch.channels_last)
-    return compiled(net, device, graphs=graphs, backend=backend) if compile else net
-
-
-def adamw(params: Iterable[Tensor], device: torch.device, lr: float = 1e-4) -> torch.optim.AdamW:
-    """AdamW; on CUDA the fused implementation (one kernel updates every parameter)."""
-    return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
+    return compiled(net, device, graphs=graphs, mode=mode, backend=backend) if compile else net
 
 
 class FastDenoiser:

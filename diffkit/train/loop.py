@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from diffkit.train import checkpoint, optim
+from diffkit.train import checkpoint, fast, optim
 from diffkit.train.ema import EMA
 
 
@@ -47,7 +47,7 @@ class TrainSettings:
     seed: int = 0
     max_nonfinite: int = 10  # consecutive skipped steps before the run stops
     precision: str = "auto"  # "fp32", "bf16", or "auto" (bf16 autocast on CUDA)
-    compile: bool = False  # torch.compile the net (CUDA only)
+    compile: bool = False  # channels_last + torch.compile the net (CUDA only; train.fast.prepare)
 
 
 def _seed(*parts: int) -> int:
@@ -63,6 +63,14 @@ def _batch_indices(step: int, batch: int, n: int, seed: int) -> Tensor:
         mask = pos // n == epoch
         out[mask] = perm[pos[mask] % n]
     return out
+
+
+def _to(t: Tensor, device: torch.device) -> Tensor:
+    """t on `device`; host memory goes to a GPU through a pinned buffer, so the host queues the step's kernels
+    while the copy runs instead of waiting for the GPU to finish the last step."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -104,7 +112,7 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
         start, skipped_total = ck.step, ck.extra.get("skipped_steps", 0)
     raw_net = model.net
     if settings.compile and device.type == "cuda":
-        model.net = torch.compile(model.net)
+        model.net = fast.prepare(model.net, device, compile=True)
     if world > 1:
         model.net = nn.parallel.DistributedDataParallel(model.net, find_unused_parameters=len(phases) > 1)
     model.train()
@@ -130,7 +138,7 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * factor
         idx = _batch_indices(step, settings.batch, len(x), settings.seed)
-        losses, norms = [], []
+        losses, norms, finite = [], [], True
         for p, phase in enumerate(phases):
             total = torch.zeros((), device=device)
             phase_arg = {} if phase is None else {"phase": phase}
@@ -140,12 +148,12 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
                 draws = (step, j) if p == 0 else (step, j, p)  # each phase draws afresh; phase 0 as without phases
                 torch.manual_seed(_seed(settings.seed, 2, *draws))  # dropout and any other global draws
                 gen = torch.Generator(device).manual_seed(_seed(settings.seed, 3, *draws))
-                cond = labels[chunk].to(device) if labels is not None else None
+                cond = _to(labels[chunk], device) if labels is not None else None
                 # DDP syncs gradients on the last micro-batch only.
                 sync_ctx = model.net.no_sync() if world > 1 and k < accum - 1 else contextlib.nullcontext()
                 with sync_ctx:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        loss = objective(model, x[chunk].to(device), cond, generator=gen, **ema_arg, **phase_arg)
+                        loss = objective(model, _to(x[chunk], device), cond, generator=gen, **ema_arg, **phase_arg)
                         loss = loss.mean() / accum
                     loss.backward()
                 total += loss.detach()
@@ -154,14 +162,17 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
                 total /= world
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             # A non-finite gradient skips the step as a non-finite loss does (a loss may mask NaN samples out).
-            if torch.isfinite(total + grad_norm):
+            # This flag is the one value a phase reads back from the device.
+            ok = bool(torch.isfinite(total + grad_norm))
+            if ok:
                 for opt in opts:
                     opt.step()
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             losses.append(total)
             norms.append(grad_norm)
-        if torch.isfinite(torch.stack(losses + norms)).all():
+            finite = finite and ok
+        if finite:
             consecutive = 0
             ema.update(model, step + 1)
         else:  # skip the step, keep count, stop after too many in a row

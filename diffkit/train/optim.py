@@ -1,8 +1,9 @@
 """Optimizers and the learning-rate schedule.
 
-AdamW by default. With "muon", `torch.optim.Muon` (Jordan et al. 2024) updates the 2-D hidden weight
-matrices and AdamW the rest (biases, norms, embeddings, and the input/output layers a net lists in its
-`muon_exclude` name prefixes), as the Muon authors recommend. Nothing here re-implements Newton-Schulz.
+AdamW by default, fused into one kernel per step on CUDA and CPU (its step count stays on the device, so a
+step reads nothing back to the host). With "muon", `torch.optim.Muon` (Jordan et al. 2024) updates the 2-D
+hidden weight matrices and AdamW the rest (biases, norms, embeddings, and the input/output layers a net lists
+in its `muon_exclude` name prefixes), as the Muon authors recommend. Nothing here re-implements Newton-Schulz.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 OPTIMIZERS = ("adamw", "muon")
+FUSED_DEVICES = ("cuda", "cpu")  # where torch has a fused AdamW kernel
 
 
 def build(model: nn.Module, kind: str = "adamw", *, lr: float = 1e-3, muon_lr: float = 0.02,
@@ -25,7 +27,9 @@ def build(model: nn.Module, kind: str = "adamw", *, lr: float = 1e-3, muon_lr: f
     use_muon = [p for n, p in named if kind == "muon" and p.ndim == 2 and not inner(n).startswith(excluded)]
     ids = {id(p) for p in use_muon}
     rest = [p for _, p in named if id(p) not in ids]
-    opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(rest, lr=lr, betas=betas, weight_decay=weight_decay)]
+    fused = bool(rest) and all(p.device.type in FUSED_DEVICES for p in rest)
+    opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(rest, lr=lr, betas=betas, weight_decay=weight_decay,
+                                                           fused=fused or None)]
     if use_muon:
         opts.append(torch.optim.Muon(use_muon, lr=muon_lr, weight_decay=weight_decay))
     for opt in opts:

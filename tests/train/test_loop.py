@@ -1,4 +1,5 @@
 import math
+from collections import Counter
 import os
 import signal
 import subprocess
@@ -10,6 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffkit import data, paths
+from diffkit.nets.mlp import MLP
+from diffkit.objectives import Denoising
+from diffkit.precond import Precond
 from diffkit.train import checkpoint, optim
 from diffkit.train.loop import NonFiniteLoss, TrainSettings, train
 
@@ -156,3 +161,34 @@ def test_loop_ema_takes_the_ramped_decay_of_each_step(tmp_path):
     for got, expected in zip(ema.model.parameters(), want):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert (want[0] - objective.seen[0][0]).abs().max() > 1e-3  # the weights moved, so the check has teeth
+
+
+class _TwoPhases:
+    """A stand-in for an alternating objective (SiD): the same loss, taken twice per step in two phases."""
+    phases = ("first", "second")
+
+    def __init__(self, objective):
+        self.objective = objective
+
+    def __call__(self, model, x0, cond, *, generator, phase):
+        return self.objective(model, x0, cond, generator=generator)
+
+
+@pytest.mark.parametrize("two_phases", [False, True])
+def test_a_step_reads_back_one_flag_per_phase(tmp_path, host_reads, two_phases):
+    """A step's only read from the device is the finite-step flag of each phase (on CUDA: one sync per phase);
+    the data order is drawn on the host (its reads are of host tensors). Counted as 8 steps' reads minus 4's."""
+    def reads(steps):
+        torch.manual_seed(0)
+        path = paths.RectifiedFlow()
+        model = Precond(MLP(2, width=16, depth=1), path, "velocity")
+        objective = _TwoPhases(Denoising(path)) if two_phases else Denoising(path)
+        x = data.toy("checkerboard", 256, torch.Generator().manual_seed(0))
+        settings = TrainSettings(steps=steps, batch=32, micro_batch=16, warmup=2, checkpoint_every=100, log_every=100)
+        with host_reads() as r:
+            train(model, objective, x, None, settings, tmp_path / str(steps), progress=False)
+        return Counter(r.calls)
+
+    per_4_steps = reads(8) - reads(4)
+    on_host = {("tolist", "_batch_indices"): 4, ("__getitem__", "_batch_indices"): 4}
+    assert per_4_steps == Counter({("__bool__", "train"): 4 * (2 if two_phases else 1), **on_host})
