@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from diffkit import analytic, paths
+from diffkit.nets.mlp import MLP
 from diffkit.precond import PREDICTIONS, Precond, convert, from_x0_eps, to_x0_eps
 
 from conftest import OracleNet
@@ -95,3 +96,20 @@ def test_unknown_prediction_is_an_error():
         Precond(torch.nn.Identity(), paths.EDM(), "noise")
     with pytest.raises(ValueError, match="expected one of"):
         convert(torch.zeros(1, 1), "eps", "sample", torch.zeros(1, 1), torch.ones(1), paths.EDM())
+
+
+@pytest.mark.parametrize("kind", [*PREDICTIONS, "edm"])
+@pytest.mark.parametrize("path", [paths.VPLinear(), paths.EDM(), paths.Shifted(paths.RectifiedFlow(), 3.0)],
+                         ids=["vp_linear", "edm", "shifted_rf"])
+def test_a_denoiser_call_is_one_graph_that_reads_nothing_back(path, kind, host_reads):
+    """D(x, sigma) for any path and prediction compiles without a graph break and reads no value back to the host,
+    so a compiled sampler step is one CUDA graph (train.fast.FastDenoiser) with no sync inside."""
+    torch._dynamo.reset()
+    model = Precond(MLP(2, width=16, depth=1), path, kind).eval()
+    x, sigma = torch.randn(3, 2), torch.tensor([0.05, 1.0, 20.0])
+    with torch.no_grad():
+        with host_reads() as reads:
+            eager = model(x, sigma)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(x, sigma)
+    assert reads.calls == []
+    torch.testing.assert_close(compiled, eager)
