@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from diffkit import cli, grids, samplers
-from diffkit.paths import VPLinear
+from diffkit.nets.mlp import MLP
+from diffkit.paths import EDM, VPLinear
+from diffkit.samplers.guidance import ClassifierFree
 from diffkit.precond import Precond
 from diffkit.train import fast
 
@@ -215,3 +217,18 @@ def test_a_training_step_reads_nothing_back(name, host_reads):
     with host_reads() as reads:
         tp.train_step(lambda: loss(x0, gen), opt, CPU)
     assert reads.calls == []
+
+
+def test_fast_denoiser_compiles_guidance_and_label_closures():
+    """generate.sample(fast=True) wraps what it binds: a ClassifierFree object or a closure over the labels."""
+    torch.manual_seed(0)
+    model = Precond(MLP(2, width=16, depth=1, num_classes=3), EDM(), "edm").eval()
+    _perturb(model.parameters())
+    cond = torch.tensor([0, 1, 2])
+    x, sigma = torch.randn(3, 2), torch.tensor([0.5, 1.0, 2.0])
+    for denoiser in (ClassifierFree(model, cond, torch.full_like(cond, 3), 2.0), lambda x, s: model(x, s, cond)):
+        with torch.no_grad():
+            plain = denoiser(x, sigma)
+        torch.testing.assert_close(fast.FastDenoiser(denoiser, CPU)(x, sigma), plain)
+    assert not torch.allclose(*(d(x, sigma) for d in (ClassifierFree(model, cond, torch.full_like(cond, 3), 2.0),
+                                                      lambda x, s: model(x, s, cond))))  # guidance did something
