@@ -49,8 +49,9 @@ def sample(model: Precond, cfg: Config, shape: tuple[int, ...], n: int, *, sampl
            n_classes: int = 0, batch: int = 256, fast: bool = False, progress: bool = True) -> tuple[Tensor, int]:
     """n samples (n, *shape) and the NFE per sample. Sample i depends only on (seed, i), not on `batch`.
 
-    fast: run the denoiser (guidance included) through FastDenoiser (diffkit.train.fast): compiled, bf16 and one CUDA graph
-    per call on CUDA (elsewhere compiled in fp32: the same samples, for testing). Shortcut and SiD models ignore it.
+    fast: run the denoiser (guidance included) through FastDenoiser (diffkit.train.fast): compiled, bf16 and one
+    CUDA graph per call on CUDA (elsewhere compiled in fp32: the same samples, for testing). Shortcut and SiD
+    models ignore it.
     """
     name = sampler_name(cfg, sampler)
     steps = steps or cfg.sample.steps
