@@ -181,7 +181,8 @@ def bench_train(name: str, compile: bool, batch: int, s: dict, device: torch.dev
 def ours_sampler(cfg: dict, device: torch.device, compile: bool, batch: int) -> Callable[[int], Callable]:
     """nfe -> a thunk that runs diffkit's DDIM (eta 0) at that NFE on diffusers' trailing grid."""
     torch.manual_seed(0)
-    denoiser = fast.FastDenoiser(Precond(fast.prepare(ours_net(cfg), device), PATH, "eps"), device, compile=compile)
+    net = fast.prepare(ours_net(cfg).eval(), device)  # eval: no dropout when sampling
+    denoiser = fast.FastDenoiser(Precond(net, PATH, "eps"), device, compile=compile)
 
     def at(nfe: int) -> Callable:
         sigmas = grids.discrete(PATH.alphas_cumprod(), nfe, "trailing")
@@ -193,7 +194,7 @@ def ours_sampler(cfg: dict, device: torch.device, compile: bool, batch: int) -> 
 def diffusers_sampler(cfg: dict, device: torch.device, compile: bool, batch: int) -> Callable[[int], Callable]:
     """nfe -> a thunk that runs diffusers' DDIMScheduler loop (trailing spacing) on its net, as DDIMPipeline does."""
     torch.manual_seed(0)
-    unet = fast.prepare(diffusers_net(cfg), device, compile=compile, graphs=True)
+    unet = fast.prepare(diffusers_net(cfg).eval(), device, compile=compile, graphs=True)
 
     def at(nfe: int) -> Callable:
         scheduler = diffusers.DDIMScheduler(clip_sample=False, timestep_spacing="trailing")

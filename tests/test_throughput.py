@@ -232,3 +232,18 @@ def test_fast_denoiser_compiles_guidance_and_label_closures():
         torch.testing.assert_close(fast.FastDenoiser(denoiser, CPU)(x, sigma), plain)
     assert not torch.allclose(*(d(x, sigma) for d in (ClassifierFree(model, cond, torch.full_like(cond, 3), 2.0),
                                                       lambda x, s: model(x, s, cond))))  # guidance did something
+
+
+@pytest.mark.parametrize("name", ["ours", "diffusers"])
+def test_sampling_runs_the_nets_without_dropout(name, monkeypatch):
+    """Two runs of a sampling loop from the same noise agree exactly: the nets sample in eval mode."""
+    make = tp.ours_net if name == "ours" else tp.diffusers_net
+
+    def perturbed(cfg):  # off the zero init, so dropout inside the net would reach the output
+        net = make({**cfg, "dropout": 0.5})
+        _perturb(net.parameters())
+        return net
+    monkeypatch.setattr(tp, f"{name}_net", perturbed)
+    run = (tp.ours_sampler if name == "ours" else tp.diffusers_sampler)(TINY, CPU, False, 2)(2)
+    first, second = run(), run()
+    assert first.abs().max() > 0 and torch.equal(first, second)
