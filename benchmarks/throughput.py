@@ -17,7 +17,7 @@ mode="reduce-overhead" as diffusers' documentation recommends. "host_syncs" coun
 one run of the loop (torch.cuda.set_sync_debug_mode).
 
     diffkit bench throughput [--quick] [--part all|train|sample] [--batches 128,512] [--sample-batches 128,1024]
-                             [--nfes 1,10,35] [--compile-mode MODE] [--fresh] [--out DIR] [--device DEV]
+                             [--nfes 1,10,35] [--compile-mode MODE] [--profile] [--fresh] [--out DIR] [--device DEV]
 
 Writes throughput.json / .md under --out (default benchmarks/results) after every row, so a run cut short keeps what
 it measured. A later run on the same device, versions and net adds its rows to the file (a row measured again
@@ -26,13 +26,15 @@ replaces the old one; --fresh starts over), so the benchmark can be run in parts
 The JSON's top level carries `device` and the headline ratios of images/s, ours over diffusers', both compiled
 (null while not measured): `train_speedup_vs_diffusers_compiled_bs512`, and `sampling_speedup_nfe10` at the
 largest sample batch measured for both (`sampling_speedup_nfe10_batch`). --quick is a seconds-long smoke run of a
-tiny net (on CPU: the same tables, not a measurement).
+tiny net (on CPU: the same tables, not a measurement). --profile adds, per row, the kernels that take the
+time and the share spent in GEMM/conv/attention kernels: what to tune next.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import re
 import sys
 import time
 import warnings
@@ -42,6 +44,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffkit import grids, report, samplers
@@ -58,11 +61,11 @@ CIFAR = {"channels": 128, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2, "at
          "image_size": 32, "dropout": 0.1, "head_channels": 64}
 FULL = {"net": CIFAR, "batches": (128, 512), "train_warmup": 5, "train_steps": 20, "sample_batches": (128, 1024),
         "nfes": (1, 10, 35), "sample_warmup": 3, "sample_repeats": 5, "gemm_n": 8192, "gemm_reps": 50,
-        "compile_mode": None}
+        "compile_mode": None, "profile": False}
 QUICK = {"net": {**CIFAR, "channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (8,),
                  "image_size": 16},
          "batches": (4,), "train_warmup": 1, "train_steps": 2, "sample_batches": (4,), "nfes": (1, 2),
-         "sample_warmup": 1, "sample_repeats": 1, "gemm_n": 256, "gemm_reps": 3, "compile_mode": None}
+         "sample_warmup": 1, "sample_repeats": 1, "gemm_n": 256, "gemm_reps": 3, "compile_mode": None, "profile": False}
 NOMINAL_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}  # dense bf16 peak; first match in the name
 PATH = VPLinear()
 LR = 1e-4
@@ -162,16 +165,39 @@ def gemm_flops(device: torch.device, n: int, reps: int) -> dict:
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "flops": 2 * n**3 / sec}
 
 
+MATMUL_KERNELS = re.compile(r"gemm|conv|xmma|cutlass|cudnn|flash|attention|matmul|wgrad|dgrad|\b(add|b)?mm\b",
+                            re.IGNORECASE)  # by name: GEMM / convolution / attention kernels and ops
+
+
+def profile(fn: Callable[[], object], device: torch.device, calls: int = 3, top: int = 12) -> dict:
+    """Where one call's time goes: the kernels (CUDA) or ops (CPU) with the most self time over `calls` calls,
+    and the share of that time spent in matmul-like kernels, by name (the rest is what fusion can still win)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    fn()
+    sync(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    events = sorted((e for e in prof.key_averages() if getattr(e, attr) > 0), key=lambda e: -getattr(e, attr))
+    total = sum(getattr(e, attr) for e in events)
+    return {"total_ms_per_call": total / 1e3 / calls,
+            "matmul_share": sum(getattr(e, attr) for e in events if MATMUL_KERNELS.search(e.key)) / total,
+            "top": [{"op": e.key[:90], "ms_per_call": getattr(e, attr) / 1e3 / calls, "share": getattr(e, attr) / total,
+                     "launches_per_call": e.count / calls} for e in events[:top]]}
+
+
 def bench_train(name: str, compile: bool, batch: int, s: dict, device: torch.device, flops: float, peaks: dict) -> dict:
     loss, opt = train_setup(name, s["net"], device, compile, s["compile_mode"])
     size = s["net"]["image_size"]
     x0 = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     gen = torch.Generator(device).manual_seed(0)
     last = {}
-    sec, first = timed(lambda: last.update(loss=train_step(lambda: loss(x0, gen), opt, device)),
-                       s["train_warmup"], s["train_steps"], device)
+    step = lambda: last.update(loss=train_step(lambda: loss(x0, gen), opt, device))  # noqa: E731
+    sec, first = timed(step, s["train_warmup"], s["train_steps"], device)
     achieved = flops * batch / sec
-    return {"model": name, "mode": "compiled" if compile else "eager", "batch": batch, "images_per_s": batch / sec,
+    return {**({"profile": profile(step, device)} if s["profile"] else {}),"model": name, "mode": "compiled" if compile else "eager", "batch": batch, "images_per_s": batch / sec,
             "step_ms": 1e3 * sec, "warmup_s": first, "gflop_per_image": flops / 1e9, "tflop_per_s": achieved / 1e12,
             "mfu_nominal": achieved / peaks["nominal"] if peaks["nominal"] else None,
             "mfu_vs_gemm": achieved / peaks["gemm"], "gemm_tflop_per_s": peaks["gemm"] / 1e12,
@@ -232,7 +258,8 @@ def bench_sample(name: str, compile: bool, batch: int, s: dict, device: torch.de
         run = at(nfe)
         sec, first = timed(run, s["sample_warmup"], s["sample_repeats"], device)
         yield {"model": name, "mode": "compiled" if compile else "eager", "nfe": nfe, "batch": batch,
-               "images_per_s": batch / sec, "seconds": sec, "warmup_s": first, "host_syncs": host_syncs(run, device)}
+               "images_per_s": batch / sec, "seconds": sec, "warmup_s": first, "host_syncs": host_syncs(run, device),
+               **({"profile": profile(run, device)} if s["profile"] else {})}
 
 
 def ratio(rows: list[dict], **where) -> float | None:
@@ -254,7 +281,7 @@ def headlines(r: dict) -> dict:
 def settings_record(s: dict, device: torch.device) -> dict:
     """The settings every row shares, as written to the JSON (rows carry their own batch and NFE)."""
     cuda = device.type == "cuda"
-    shared = {k: v for k, v in s.items() if k not in ("batches", "sample_batches", "nfes")}
+    shared = {k: v for k, v in s.items() if k not in ("batches", "sample_batches", "nfes", "profile")}
     return {**shared, "diffusers_net": diffusers_config(s["net"]), "train_objective": "eps MSE, VPLinear (DDPM betas)",
             "lr": LR, "sampler": "DDIM eta 0, trailing timesteps", "precision": "bf16 autocast" if cuda else "fp32",
             "channels_last": True, "fused_adamw": True, "cudnn_benchmark": cuda,
@@ -369,7 +396,21 @@ def markdown(r: dict) -> str:
         "## Training (forward + backward + AdamW step)", "", _table(r["train"], TRAIN_COLUMNS), "",
         f"Ours / diffusers, compiled, batch 512: {_speedup(r['train_speedup_vs_diffusers_compiled_bs512'])}.", "",
         "## Sampling (DDIM, deterministic)", "", _table(r["sample"], SAMPLE_COLUMNS), "",
-        f"Ours / diffusers, compiled, images/s: {per_nfe or 'not measured'}.", ""])
+        f"Ours / diffusers, compiled, images/s: {per_nfe or 'not measured'}.", "", *_profiles(r)])
+
+
+def _profiles(r: dict) -> list[str]:
+    """One table per profiled row: where its time goes."""
+    out = []
+    for section in ("train", "sample"):
+        for row in r[section]:
+            if "profile" in row:
+                p, at = row["profile"], f"nfe {row['nfe']}, " if "nfe" in row else ""
+                out += [f"### Profile: {section}, {row['model']} {row['mode']}, {at}batch {row['batch']}", "",
+                        f"{p['total_ms_per_call']:.4g} ms of {'kernel' if r['device'] != 'cpu' else 'op'} time per "
+                        f"call, {100 * p['matmul_share']:.1f}% in GEMM/conv/attention kernels (by name).", "",
+                        report.table(p["top"], ["op", "ms_per_call", "share", "launches_per_call"]), ""]
+    return (["## Profiles", ""] + out) if out else []
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -391,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nfes", type=_ints, help="sampling NFEs (default 1,10,35)")
     parser.add_argument("--compile-mode", help="torch.compile mode of the compiled training rows, both nets "
                                                "(e.g. max-autotune-no-cudagraphs; default: inductor's default)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile each row: the top kernels by time and the share in matmul-like kernels")
     parser.add_argument("--fresh", action="store_true", help="start a new results file instead of adding to it")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -400,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("diffkit bench throughput: the full benchmark needs a GPU (--device cuda); on CPU use --quick")
     s = dict(QUICK if args.quick else FULL)
     s.update({k: v for k, v in (("batches", args.batches), ("sample_batches", args.sample_batches),
-                                ("nfes", args.nfes), ("compile_mode", args.compile_mode)) if v is not None})
+                                ("nfes", args.nfes), ("compile_mode", args.compile_mode)) if v is not None},
+             profile=args.profile)
     command = "diffkit bench throughput " + " ".join(argv if argv is not None else sys.argv[1:])
     result = run(s, device, args.part, args.out, args.fresh, command.strip())
     print(markdown(result))

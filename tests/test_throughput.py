@@ -247,3 +247,29 @@ def test_sampling_runs_the_nets_without_dropout(name, monkeypatch):
     run = (tp.ours_sampler if name == "ours" else tp.diffusers_sampler)(TINY, CPU, False, 2)(2)
     first, second = run(), run()
     assert first.abs().max() > 0 and torch.equal(first, second)
+
+
+def test_profile_splits_the_time_between_matmuls_and_the_rest():
+    a = torch.randn(384, 384)
+    heavy = tp.profile(lambda: a @ a @ a, CPU)
+    light = tp.profile(lambda: (a * 2).relu_().add_(1), CPU)
+    assert heavy["matmul_share"] > 0.5 and light["matmul_share"] == 0
+    for p in (heavy, light):
+        shares = [row["share"] for row in p["top"]]
+        assert shares == sorted(shares, reverse=True) and sum(shares) <= 1 + 1e-9
+        assert math.isclose(sum(r["ms_per_call"] for r in p["top"]) / p["total_ms_per_call"], sum(shares),
+                            rel_tol=1e-9)
+    assert {"aten::mm", "aten::mul"} <= {r["op"] for r in heavy["top"] + light["top"]}
+
+
+def test_profile_flag_reaches_every_row_and_the_report(tmp_path, fake_bench, monkeypatch):
+    seen = []
+    monkeypatch.setattr(tp, "bench_train", lambda name, compile, batch, s, device, flops, peaks: seen.append(
+        s["profile"]) or {"model": name, "mode": "compiled" if compile else "eager", "batch": batch,
+                          "images_per_s": 1.0, "profile": {"total_ms_per_call": 2.0, "matmul_share": 0.25,
+                                                           "top": [{"op": "k", "ms_per_call": 2.0, "share": 1.0,
+                                                                    "launches_per_call": 1.0}]}})
+    tp.main(["--quick", "--profile", "--part", "train", "--out", str(tmp_path)])
+    assert seen == [True] * 4
+    md = (tmp_path / "throughput.md").read_text()
+    assert md.count("### Profile: train") == 4 and "25.0% in GEMM/conv/attention kernels" in md
