@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -113,6 +114,8 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
     raw_net = model.net
     if settings.compile and device.type == "cuda":
         model.net = fast.prepare(model.net, device, compile=True)
+    elif settings.compile:
+        warnings.warn(f"train.compile is for CUDA; training on {device.type} runs the net eagerly", stacklevel=2)
     if world > 1:
         model.net = nn.parallel.DistributedDataParallel(model.net, find_unused_parameters=len(phases) > 1)
     model.train()

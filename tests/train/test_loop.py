@@ -192,3 +192,14 @@ def test_a_step_reads_back_one_flag_per_phase(tmp_path, host_reads, two_phases):
     per_4_steps = reads(8) - reads(4)
     on_host = {("tolist", "_batch_indices"): 4, ("__getitem__", "_batch_indices"): 4}
     assert per_4_steps == Counter({("__bool__", "train"): 4 * (2 if two_phases else 1), **on_host})
+
+
+def test_compile_off_cuda_says_it_runs_eagerly(tmp_path):
+    torch.manual_seed(0)
+    path = paths.RectifiedFlow()
+    model = Precond(MLP(2, width=16, depth=1), path, "velocity")
+    x = data.toy("checkerboard", 64, torch.Generator().manual_seed(0))
+    settings = TrainSettings(steps=2, batch=32, warmup=1, compile=True)
+    with pytest.warns(UserWarning, match="train.compile is for CUDA"):
+        train(model, Denoising(path), x, None, settings, tmp_path, progress=False)
+    assert not isinstance(model.net, torch._dynamo.eval_frame.OptimizedModule)
