@@ -9,14 +9,16 @@ Training: one step is the real objective's forward + backward + AdamW step: ours
 on Precond(UNet, VPLinear, "eps"); diffusers' is the eps-prediction MSE of its training example (DDPMScheduler
 .add_noise, integer t). FLOPs per image come from torch.utils.flop_counter (forward + backward, 2 FLOPs per
 multiply-add, attention counted through its math kernels); MFU is achieved FLOP/s over the nominal dense bf16
-peak (H100 / H200 SXM: 989 TFLOP/s, H100 PCIe: 756) and over a large bf16 GEMM measured in this run.
+peak (H100 / H200 SXM: 989 TFLOP/s, H100 PCIe: 756) and over a large bf16 GEMM measured in this run. The
+"train.loop" rows train ours through diffkit.train.loop itself (EMA, clipping, data from host memory): the speed a
+`diffkit train` user gets, timed from the loop's own metrics.jsonl.
 
 Sampling: images/s of a deterministic DDIM loop at each NFE: ours is diffkit.samplers.ddim over a FastDenoiser
 (one CUDA graph per step when compiled on CUDA); diffusers' is its DDIMScheduler loop on its net, compiled with
 mode="reduce-overhead" as diffusers' documentation recommends. "host_syncs" counts synchronizing CUDA calls in
 one run of the loop (torch.cuda.set_sync_debug_mode).
 
-    diffkit bench throughput [--quick] [--part all|train|sample] [--batches 128,512] [--sample-batches 128,1024]
+    diffkit bench throughput [--quick] [--part all|train|loop|sample] [--batches 128,512] [--sample-batches 128,1024]
                              [--nfes 1,10,35] [--compile-mode MODE] [--profile] [--fresh] [--out DIR] [--device DEV]
 
 Writes throughput.json / .md under --out (default benchmarks/results) after every row, so a run cut short keeps what
@@ -33,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import re
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -52,6 +56,7 @@ from diffkit.objectives import Denoising
 from diffkit.paths import VPLinear
 from diffkit.precond import Precond
 from diffkit.train import fast, optim
+from diffkit.train.loop import TrainSettings, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput_results as results  # noqa: E402
@@ -207,6 +212,34 @@ def bench_train(name: str, compile: bool, batch: int, s: dict, device: torch.dev
             "loss": last["loss"].item()}
 
 
+def loop_seconds(log: list[dict], batch: int, warmup: int, steps: int) -> tuple[float, float]:
+    """(seconds per step after the warm-up, seconds of the warm-up) from train.loop's metrics.jsonl rows, whose
+    samples_per_s is batch x steps so far over the time since the loop started."""
+    elapsed = {row["step"]: batch * row["step"] / row["samples_per_s"] for row in log}
+    return (elapsed[warmup + steps] - elapsed[warmup]) / steps, elapsed[warmup]
+
+
+def bench_loop(batch: int, s: dict, device: torch.device, flops: float, peaks: dict) -> dict:
+    """Our UNet trained by diffkit.train.loop as `diffkit train` runs it (train.compile on CUDA, bf16 autocast, fused
+    AdamW, clipping, EMA, LR schedule, batches copied from host memory, one finite-step read per step), timed
+    from the loop's own metrics.jsonl: what a user gets, next to the bare step of bench_train."""
+    torch.manual_seed(0)
+    model = Precond(ours_net(s["net"]).to(device), PATH, "eps")
+    size, warmup, steps = s["net"]["image_size"], s["train_warmup"], s["train_steps"]
+    x = torch.randn(4 * batch, 3, size, size)  # in host memory, as a dataset is
+    settings = TrainSettings(steps=warmup + steps, batch=batch, lr=LR, warmup=warmup, log_every=warmup,
+                             checkpoint_every=warmup + steps, keep=1, compile=device.type == "cuda")
+    with tempfile.TemporaryDirectory() as folder:
+        train(model, Denoising(PATH), x, None, settings, Path(folder), progress=False)
+        log = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    sec, first = loop_seconds(log, batch, warmup, steps)
+    achieved = flops * batch / sec
+    return {"model": "ours", "mode": "train.loop", "batch": batch, "images_per_s": batch / sec, "step_ms": 1e3 * sec,
+            "warmup_s": first, "gflop_per_image": flops / 1e9, "tflop_per_s": achieved / 1e12,
+            "mfu_nominal": achieved / peaks["nominal"] if peaks["nominal"] else None,
+            "mfu_vs_gemm": achieved / peaks["gemm"], "gemm_tflop_per_s": peaks["gemm"] / 1e12, "loss": log[-1]["loss"]}
+
+
 def ours_sampler(cfg: dict, device: torch.device, compile: bool, batch: int) -> Callable[[int], Callable]:
     """nfe -> a thunk that runs diffkit's DDIM (eta 0) at that NFE on diffusers' trailing grid."""
     torch.manual_seed(0)
@@ -297,14 +330,20 @@ def run(s: dict, device: torch.device, part: str, out: Path, fresh: bool, comman
     r.update(headlines(r))
     save(r, out)
     models, modes = ("ours", "diffusers"), (False, True)
-    if part in ("all", "train"):
+    if part in ("all", "train", "loop"):
         r["gemm"] = gemm_flops(device, s["gemm_n"], s["gemm_reps"])
         peaks = {"nominal": r["nominal_peak_flops"], "gemm": r["gemm"]["flops"]}
         flops = {m: train_flops_per_image(m, s["net"], device) for m in models}
+    if part in ("all", "train"):
         for b, m, c in itertools.product(s["batches"], models, modes):
             add(r, "train", bench_train(m, c, b, s, device, flops[m], peaks))
             save(r, out)
             print(f"train {m} {'compiled' if c else 'eager'} batch {b}: done", file=sys.stderr, flush=True)
+    if part in ("all", "loop"):
+        for b in s["batches"]:
+            add(r, "train", bench_loop(b, s, device, flops["ours"], peaks))
+            save(r, out)
+            print(f"train.loop batch {b}: done", file=sys.stderr, flush=True)
     if part in ("all", "sample"):
         for b, m, c in itertools.product(s["sample_batches"], models, modes):
             for row in bench_sample(m, c, b, s, device):
@@ -327,7 +366,8 @@ def _ints(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffkit bench throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run of a tiny net (CPU is fine)")
-    parser.add_argument("--part", choices=("all", "train", "sample"), default="all")
+    parser.add_argument("--part", choices=("all", "train", "loop", "sample"), default="all",
+                        help="train: the bare steps of both nets; loop: ours through diffkit.train.loop; sample")
     parser.add_argument("--batches", type=_ints, help="training batch sizes (default 128,512)")
     parser.add_argument("--sample-batches", type=_ints, help="sampling batch sizes (default 128,1024)")
     parser.add_argument("--nfes", type=_ints, help="sampling NFEs (default 1,10,35)")

@@ -30,6 +30,7 @@ def resume(file: Path, new: dict, fresh: bool) -> dict:
     return {**new, **{k: old[k] for k in ("gemm", "train", "sample", "commands")}}
 
 
+MODES = ("eager", "compiled", "train.loop")  # train.loop: ours through diffkit.train.loop (no peer row)
 KEYS = {"train": ("model", "mode", "batch"), "sample": ("model", "mode", "nfe", "batch")}
 
 
@@ -37,7 +38,7 @@ def add(r: dict, section: str, row: dict) -> None:
     """Put `row` into r[section], replacing a row with the same key; rows stay in a fixed order."""
     key = lambda x: tuple(x[k] for k in KEYS[section])  # noqa: E731
     r[section] = sorted([x for x in r[section] if key(x) != key(row)] + [row],
-                        key=lambda x: (x["batch"], x.get("nfe", 0), x["model"] != "ours", x["mode"] != "eager"))
+                        key=lambda x: (x["batch"], x.get("nfe", 0), x["model"] != "ours", MODES.index(x["mode"])))
     r.update(headlines(r))
 
 

@@ -108,7 +108,7 @@ def test_bench_throughput_quick_writes_json_and_table(tmp_path, capsys):
     assert res["device"] == "cpu" and res["train_speedup_vs_diffusers_compiled_bs512"] is None
     assert res["sampling_speedup_nfe10"] is None  # NFE 10 is not run by --quick
     assert {(r["model"], r["mode"]) for r in res["train"]} == {(m, c) for m in ("ours", "diffusers")
-                                                               for c in ("eager", "compiled")}
+                                                               for c in ("eager", "compiled")} | {("ours", "train.loop")}
     assert {r["nfe"] for r in res["sample"]} == set(tp.QUICK["nfes"])
     for r in res["train"]:
         achieved = r["gflop_per_image"] * 1e9 * r["images_per_s"]
@@ -136,6 +136,8 @@ def fake_bench(monkeypatch):
     monkeypatch.setattr(tp, "train_flops_per_image", lambda name, cfg, device: 1e6)
     monkeypatch.setattr(tp, "bench_train", lambda name, compile, batch, s, device, flops, peaks: row(
         name, mode="compiled" if compile else "eager", batch=batch))
+    monkeypatch.setattr(tp, "bench_loop", lambda batch, s, device, flops, peaks: row(
+        "ours", mode="train.loop", batch=batch))
     monkeypatch.setattr(tp, "bench_sample", lambda name, compile, batch, s, device: (
         row(name, mode="compiled" if compile else "eager", nfe=nfe, batch=batch) for nfe in s["nfes"]))
     return state
@@ -187,11 +189,11 @@ def test_results_measured_another_way_or_fresh_start_a_new_file(tmp_path, fake_b
 
 
 def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, fake_bench):
-    fake_bench["fail_after"] = 5  # four training rows, then one sampling row, then the run dies
+    fake_bench["fail_after"] = 6  # four training rows, a train.loop row and one sampling row, then the run dies
     with pytest.raises(RuntimeError, match="out of time"):
         tp.main(["--quick", "--out", str(tmp_path)])
     r = _json(tmp_path)
-    assert len(r["train"]) == 4 and len(r["sample"]) == 1
+    assert len(r["train"]) == 5 and len(r["sample"]) == 1
     assert "| ours | eager | 1 | 4 |" in (tmp_path / "throughput.md").read_text()
 
 
@@ -273,3 +275,21 @@ def test_profile_flag_reaches_every_row_and_the_report(tmp_path, fake_bench, mon
     assert seen == [True] * 4
     md = (tmp_path / "throughput.md").read_text()
     assert md.count("### Profile: train") == 4 and "25.0% in GEMM/conv/attention kernels" in md
+
+
+def test_loop_seconds_reads_the_step_time_from_the_loops_own_log():
+    """samples_per_s in metrics.jsonl is batch x steps so far over the time since the start: 3 s of warm-up over
+    2 steps, then 0.5 s per step."""
+    elapsed = {2: 3.0, 4: 4.0, 6: 5.0}
+    log = [{"step": k, "samples_per_s": 8 * k / t} for k, t in elapsed.items()]
+    assert tp.loop_seconds(log, batch=8, warmup=2, steps=4) == pytest.approx((0.5, 3.0))
+
+
+def test_the_loop_rows_train_through_diffkit_train_loop(tmp_path):
+    assert tp.main(["--quick", "--part", "loop", "--out", str(tmp_path)]) == 0
+    r = _json(tmp_path)
+    (row,) = r["train"]
+    assert (row["model"], row["mode"], row["batch"]) == ("ours", "train.loop", 4)
+    assert row["images_per_s"] > 0 and math.isfinite(row["loss"])
+    assert r["train_speedup_vs_diffusers_compiled_bs512"] is None  # loop rows have no peer: never in the ratio
+    assert "| ours | train.loop | 4 |" in (tmp_path / "throughput.md").read_text()

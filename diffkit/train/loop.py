@@ -184,12 +184,13 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
                 raise NonFiniteLoss(f"{consecutive} non-finite losses in a row at step {step}; stopped. The last good "
                                     f"checkpoint is {checkpoint.latest(run_dir)}. Lower the learning rate or check the data.")
         if log is not None and consecutive == 0 and ((step + 1) % settings.log_every == 0 or step + 1 == settings.steps):
-            rate = settings.batch * (step + 1 - start) / (time.perf_counter() - t0)
             row = {"step": step + 1, "loss": sum(losses).item(), "lr": opts[0].param_groups[0]["lr"],
-                   "grad_norm": torch.stack(norms).norm().item(), "skipped_steps": skipped_total, "samples_per_s": rate}
+                   "grad_norm": torch.stack(norms).norm().item(), "skipped_steps": skipped_total}
             for name, phase_loss, phase_norm in zip(phases, losses, norms):
                 if name is not None:
                     row |= {f"loss_{name}": phase_loss.item(), f"grad_norm_{name}": phase_norm.item()}
+            # Timed after the reads above, which wait for the device to finish the step.
+            row["samples_per_s"] = settings.batch * (step + 1 - start) / (time.perf_counter() - t0)
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{row['loss']:.4f}")
