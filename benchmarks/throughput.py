@@ -204,12 +204,18 @@ def bench_train(name: str, compile: bool, batch: int, s: dict, device: torch.dev
     last = {}
     step = lambda: last.update(loss=train_step(lambda: loss(x0, gen), opt, device))  # noqa: E731
     sec, first = timed(step, s["train_warmup"], s["train_steps"], device)
+    row = train_row(name, "compiled" if compile else "eager", batch, sec, first, flops, peaks, last["loss"].item())
+    return row | ({"profile": profile(step, device)} if s["profile"] else {})
+
+
+def train_row(model: str, mode: str, batch: int, sec: float, first: float, flops: float, peaks: dict,
+              loss: float) -> dict:
+    """A training row: images/s and MFU of `sec` seconds per step of `batch` images at `flops` per image."""
     achieved = flops * batch / sec
-    return {**({"profile": profile(step, device)} if s["profile"] else {}),"model": name, "mode": "compiled" if compile else "eager", "batch": batch, "images_per_s": batch / sec,
-            "step_ms": 1e3 * sec, "warmup_s": first, "gflop_per_image": flops / 1e9, "tflop_per_s": achieved / 1e12,
+    return {"model": model, "mode": mode, "batch": batch, "images_per_s": batch / sec, "step_ms": 1e3 * sec,
+            "warmup_s": first, "gflop_per_image": flops / 1e9, "tflop_per_s": achieved / 1e12,
             "mfu_nominal": achieved / peaks["nominal"] if peaks["nominal"] else None,
-            "mfu_vs_gemm": achieved / peaks["gemm"], "gemm_tflop_per_s": peaks["gemm"] / 1e12,
-            "loss": last["loss"].item()}
+            "mfu_vs_gemm": achieved / peaks["gemm"], "gemm_tflop_per_s": peaks["gemm"] / 1e12, "loss": loss}
 
 
 def loop_seconds(log: list[dict], batch: int, warmup: int, steps: int) -> tuple[float, float]:
@@ -233,11 +239,7 @@ def bench_loop(batch: int, s: dict, device: torch.device, flops: float, peaks: d
         train(model, Denoising(PATH), x, None, settings, Path(folder), progress=False)
         log = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
     sec, first = loop_seconds(log, batch, warmup, steps)
-    achieved = flops * batch / sec
-    return {"model": "ours", "mode": "train.loop", "batch": batch, "images_per_s": batch / sec, "step_ms": 1e3 * sec,
-            "warmup_s": first, "gflop_per_image": flops / 1e9, "tflop_per_s": achieved / 1e12,
-            "mfu_nominal": achieved / peaks["nominal"] if peaks["nominal"] else None,
-            "mfu_vs_gemm": achieved / peaks["gemm"], "gemm_tflop_per_s": peaks["gemm"] / 1e12, "loss": log[-1]["loss"]}
+    return train_row("ours", "train.loop", batch, sec, first, flops, peaks, log[-1]["loss"])
 
 
 def ours_sampler(cfg: dict, device: torch.device, compile: bool, batch: int) -> Callable[[int], Callable]:
