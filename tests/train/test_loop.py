@@ -1,10 +1,10 @@
 import math
-from collections import Counter
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -74,10 +74,6 @@ class Flaky:
 
 
 def tiny_model():
-    from diffkit import paths
-    from diffkit.nets.mlp import MLP
-    from diffkit.precond import Precond
-
     torch.manual_seed(0)
     return Precond(MLP(2, width=16, depth=1), paths.EDM(), "edm")
 
@@ -179,10 +175,8 @@ def test_a_step_reads_back_one_flag_per_phase(tmp_path, host_reads, two_phases):
     """A step's only read from the device is the finite-step flag of each phase (on CUDA: one sync per phase);
     the data order is drawn on the host (its reads are of host tensors). Counted as 8 steps' reads minus 4's."""
     def reads(steps):
-        torch.manual_seed(0)
-        path = paths.RectifiedFlow()
-        model = Precond(MLP(2, width=16, depth=1), path, "velocity")
-        objective = _TwoPhases(Denoising(path)) if two_phases else Denoising(path)
+        model, objective = tiny_model(), Denoising(paths.EDM())
+        objective = _TwoPhases(objective) if two_phases else objective
         x = data.toy("checkerboard", 256, torch.Generator().manual_seed(0))
         settings = TrainSettings(steps=steps, batch=32, micro_batch=16, warmup=2, checkpoint_every=100, log_every=100)
         with host_reads() as r:
@@ -195,11 +189,9 @@ def test_a_step_reads_back_one_flag_per_phase(tmp_path, host_reads, two_phases):
 
 
 def test_compile_off_cuda_says_it_runs_eagerly(tmp_path):
-    torch.manual_seed(0)
-    path = paths.RectifiedFlow()
-    model = Precond(MLP(2, width=16, depth=1), path, "velocity")
+    model = tiny_model()
     x = data.toy("checkerboard", 64, torch.Generator().manual_seed(0))
     settings = TrainSettings(steps=2, batch=32, warmup=1, compile=True)
     with pytest.warns(UserWarning, match="train.compile is for CUDA"):
-        train(model, Denoising(path), x, None, settings, tmp_path, progress=False)
+        train(model, Denoising(paths.EDM()), x, None, settings, tmp_path, progress=False)
     assert not isinstance(model.net, torch._dynamo.eval_frame.OptimizedModule)
