@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from diffkit import config as configs
-from diffkit import generate, report, run
+from diffkit import generate, registry, report, run
 from diffkit.eval import metrics
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -89,12 +89,16 @@ def bench_dataset(data: str, work: Path, quick: bool) -> dict:
     rows, shown = teacher_rows(teacher, metric, n)
     best35 = next(row for row in rows if row["method"] == "teacher")
     ode = {k: best35[k] for k in ("sampler", "grid", "steps")}
-    timed("reflow", lambda: run.reflow_run(teacher, reflow2, n=s["couples"], **ode, overrides=budget, progress=False))
-    timed("reflow_distill", lambda: run.reflow_run(reflow2, distilled, n=s["couples"], **ode, distill=1,
+    reflow = registry.commands()["reflow"]
+    couples = {"n": s["couples"], **ode, "seed": 0}
+    timed("reflow", lambda: run.derive_run(reflow, teacher, reflow2, options={**couples, "distill": 0},
+                                           overrides=budget, progress=False))
+    timed("reflow_distill", lambda: run.derive_run(reflow, reflow2, distilled, options={**couples, "distill": 1},
                                                    overrides=budget, progress=False))
     # SiD takes two optimizer phases and four network calls per step: its own step count.
-    timed("sid", lambda: run.distill_run(teacher, sid, method="sid", progress=False, overrides=[
-        f"train.steps={s['sid_steps']}", f"train.checkpoint_every={max(s['sid_steps'] // 4, 1)}"]))
+    timed("sid", lambda: run.derive_run(registry.commands()["distill"], teacher, sid, options={"method": "sid"},
+                                        progress=False, overrides=[f"train.steps={s['sid_steps']}",
+                                                                   f"train.checkpoint_every={max(s['sid_steps'] // 4, 1)}"]))
 
     for label, folder, nfes in (("shortcut", shortcut, NFES), ("2-rectified flow", reflow2, NFES),
                                 ("2-RF distilled to 1 step", distilled, (1,)), ("SiD (alpha 1.2)", sid, NFES)):

@@ -1,4 +1,5 @@
-"""The `diffkit` command: demo, train, sample, eval, reflow, distill, bench.
+"""The `diffkit` command: demo, train, sample, eval, bench, and the commands of methods that derive new runs
+from trained ones (diffkit.registry: reflow, distill).
 
 `bench` runs a benchmark script from the source checkout's benchmarks/ folder (benchmarks are not part of
 the installed package); everything after the benchmark's name is passed to it. `train` under torchrun
@@ -12,6 +13,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from diffkit import registry
 
 BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py", "onestep": "onestep.py",
               "throughput": "throughput.py"}
@@ -87,23 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--label", type=int, help="class to sample (conditional runs)")
             p.add_argument("--out", type=Path, help="output folder (default: inside the run)")
 
-    rf = sub.add_parser("reflow", help="ReFlow a trained flow: draw (noise, sample) couples, train the next flow on them")
-    rf.add_argument("run", type=Path, help="the teacher's run folder (a rectified-flow, velocity-prediction run)")
-    rf.add_argument("overrides", nargs="*", help="section.key=value for the new run, e.g. train.steps=2000")
-    rf.add_argument("--out", type=Path, required=True, help="new run folder (couples go to OUT/couples); resumes")
-    rf.add_argument("--n", type=int, default=20000, help="number of couples (default 20000)")
-    rf.add_argument("--sampler", default="heun", help="sampler that draws the couples (default heun)")
-    rf.add_argument("--steps", type=int, default=18, help="its grid steps (default 18: 35 NFE with heun)")
-    rf.add_argument("--grid", default="karras", help="its sigma grid: karras (default), uniform_t, log_snr or distill")
-    rf.add_argument("--seed", type=int, default=0)
-    rf.add_argument("--distill", type=int, default=0, metavar="K",
-                    help="train only at the times of a K-step Euler sampler (K = 1: a one-step model)")
-
-    ds = sub.add_parser("distill", help="distil a trained run into a one-step generator (SiD, or FGM = SiD at alpha 0.5)")
-    ds.add_argument("run", type=Path, help="the teacher's run folder")
-    ds.add_argument("overrides", nargs="*", help="section.key=value, e.g. objective.args.alpha=1.0 train.steps=4000")
-    ds.add_argument("--method", default="sid", help="sid (alpha 1.2) or fgm (alpha 0.5)")
-    ds.add_argument("--out", type=Path, required=True, help="new run folder; resumes if it exists")
+    # Methods that make a new run from a trained one (`diffkit reflow`, `diffkit distill`): one command each.
+    for command, method in registry.commands().items():
+        p = sub.add_parser(command, help=method.command_help)
+        p.add_argument("run", type=Path, help="the trained run to start from (the teacher)")
+        p.add_argument("overrides", nargs="*", help="section.key=value for the new run, e.g. train.steps=2000")
+        p.add_argument("--out", type=Path, required=True, help="the new run's folder; resumes if it exists")
+        for o in method.options:
+            p.add_argument(f"--{o.name}", type=o.type, default=o.default, help=o.help)
 
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ and write benchmarks/results/")
     b.add_argument("name", help=f"one of: {', '.join(BENCHMARKS)}")
@@ -138,18 +132,13 @@ def main(argv: list[str] | None = None) -> int:
                                   fast=args.fast)
             print(json.dumps(result, indent=2))
             return 0
-        if args.command == "reflow":
+        if args.command in registry.commands():
             from diffkit import run
 
-            folder = run.reflow_run(args.run, args.out, n=args.n, sampler=args.sampler, steps=args.steps,
-                                    grid=args.grid, seed=args.seed, distill=args.distill, overrides=args.overrides)
-            print(f"reflowed: {folder}/report.md")
-            return 0
-        if args.command == "distill":
-            from diffkit import run
-
-            folder = run.distill_run(args.run, args.out, method=args.method, overrides=args.overrides)
-            print(f"distilled: {folder}/report.md")
+            method = registry.commands()[args.command]
+            folder = run.derive_run(method, args.run, args.out, overrides=args.overrides,
+                                    options={o.name: getattr(args, o.name) for o in method.options})
+            print(f"{args.command}: {folder}/report.md")
             return 0
         return bench(args.name, args.args)
     except (ValueError, FileNotFoundError) as err:

@@ -18,12 +18,8 @@ import yaml
 from torch import nn
 
 from diffkit import data as datasets
-from diffkit import paths
-from diffkit.objectives import Denoising
-from diffkit.onestep import reflow, shortcut
-from diffkit.onestep.reflow import Reflow
-from diffkit.onestep.shortcut import Shortcut
-from diffkit.onestep.sid import SiD, SiDStudent
+from diffkit import paths, registry
+from diffkit.onestep import reflow
 from diffkit.precond import Precond
 from diffkit.train.loop import TrainSettings
 
@@ -52,8 +48,8 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "denoising"  # denoising | shortcut | reflow | sid
-    args: dict = field(default_factory=dict)  # the method's own options (diffkit.onestep.<name>)
+    name: str = "denoising"  # a method of diffkit.registry: denoising | shortcut | reflow | sid
+    args: dict = field(default_factory=dict)  # the method's own options (its objective's keyword arguments)
     density: str = "lognormal"  # uniform | lognormal | logit_normal
     density_args: dict = field(default_factory=dict)
     weighting: str = "uniform"  # uniform | edm | min_snr
@@ -76,14 +72,12 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(
-        steps=3000, batch=256, lr=1e-3, warmup=200, ema_decay=0.999, checkpoint_every=1000, log_every=50))
+    train: TrainSettings = field(default_factory=TrainSettings)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 PATHS = {"vp_linear": paths.VPLinear, "vp_cosine": paths.VPCosine, "ve": paths.VE, "edm": paths.EDM,
          "rectified_flow": paths.RectifiedFlow}
-DENSITIES = {"uniform": paths.Uniform, "lognormal": paths.LogNormal, "logit_normal": paths.LogitNormal}
 
 
 def _unknown(key: str, valid, where: str) -> ValueError:
@@ -211,20 +205,18 @@ def num_classes(cfg: Config, labels: torch.Tensor | None) -> int:
 
 
 def model(cfg: Config, sample_shape: tuple[int, ...], n_classes: int) -> Precond:
-    """The Precond-wrapped network for data of per-sample shape `sample_shape` (a shortcut net also takes d)."""
-    m, method = cfg.model, cfg.objective.name
+    """The Precond-wrapped network for data of per-sample shape `sample_shape` (as the run's method needs it)."""
+    m, method = cfg.model, registry.get(cfg.objective.name)
     if m.path not in PATHS:
         raise ValueError(f"unknown model.path {m.path!r}; choose one of {', '.join(PATHS)}")
-    if method in ("shortcut", "reflow") and (m.path != "rectified_flow" or m.prediction != "velocity" or m.shift != 1):
-        raise ValueError(f"objective.name={method} trains a flow: set model.path=rectified_flow, "
-                         f"model.prediction=velocity, model.shift=1 (got {m.path}, {m.prediction}, {m.shift})")
+    method.check(cfg)
     cls = _net_class(m.net)
     params = inspect.signature(cls).parameters
     fixed = ("dim", "in_channels", "image_size", "num_classes", "extra_scalars")
     for key in m.args:
         if key not in params or key in fixed:
             raise _unknown(key, [p for p in params if p not in fixed], f"model.args of {m.net}")
-    extra = {"extra_scalars": 1} if method == "shortcut" else {}
+    extra = {"extra_scalars": method.extra_scalars} if method.extra_scalars else {}
     if m.net == "mlp":
         net = cls(int(torch.tensor(sample_shape).prod()), num_classes=n_classes, **extra, **m.args)
     else:
@@ -233,8 +225,8 @@ def model(cfg: Config, sample_shape: tuple[int, ...], n_classes: int) -> Precond
 
 
 def trainable(cfg: Config, denoiser: Precond) -> nn.Module:
-    """What the loop trains: the denoiser itself, or for SiD a generator and a fake denoiser copied from it."""
-    return SiDStudent.from_teacher(denoiser) if cfg.objective.name == "sid" else denoiser
+    """What the loop trains: the denoiser itself, or what the run's method builds around it (SiD: a pair)."""
+    return registry.get(cfg.objective.name).trainable(denoiser)
 
 
 def path(cfg: Config) -> paths.Path:
@@ -242,50 +234,18 @@ def path(cfg: Config) -> paths.Path:
     return base if cfg.model.shift == 1 else paths.Shifted(base, cfg.model.shift)
 
 
-OBJECTIVES = {"denoising": Denoising, "shortcut": Shortcut, "reflow": Reflow, "sid": SiD}
-
-
 def objective(cfg: Config, n_classes: int, teacher: Precond | None = None) -> Callable:
-    """The training objective objective.name with objective.args; SiD needs the (loaded) teacher."""
+    """The training objective of the method objective.name with objective.args (a teacher for distillation)."""
     o = cfg.objective
-    if o.name not in OBJECTIVES:
-        raise _unknown(o.name, list(OBJECTIVES), "objective.name")
-    cls = OBJECTIVES[o.name]
-    params = inspect.signature(cls).parameters
-    if o.name == "denoising" and o.args:
-        raise ValueError("objective.args configures a one-step method (shortcut, reflow, sid); denoising takes "
-                         "objective.density, density_args, weighting, min_snr_gamma and label_dropout")
-    own = {"denoising": (), "shortcut": ("label_dropout", "null"), "reflow": ("path",), "sid": ("teacher",)}[o.name]
-    for key in o.args:
-        if key not in params or key in own:
-            raise _unknown(key, [p for p in params if p not in own], f"objective.args of {o.name}")
+    method = registry.get(o.name)
+    method.check_args(o.args)
+    method.check(cfg)
     dropout = o.label_dropout if cfg.data.conditional else 0.0
-    null = n_classes if dropout else None
-    if o.name == "shortcut":
-        # Checked here, not after training, where train_run samples the model with sample.steps.
-        valid = shortcut.step_counts(o.args.get("levels", shortcut.LEVELS))
-        if cfg.sample.steps not in valid:
-            raise ValueError(f"sample.steps={cfg.sample.steps}: a shortcut model samples with a power of two steps "
-                             f"({', '.join(map(str, valid))} for its levels)")
-        return Shortcut(label_dropout=dropout, null=null, **o.args)
-    if o.name == "reflow":
-        return Reflow(path(cfg), **o.args)
-    if o.name == "sid":
-        if teacher is None:
-            raise ValueError("objective.name=sid distils a teacher: set model.init to the teacher's run folder "
-                             "(or use `diffkit distill RUN --method sid`)")
-        return SiD(teacher, **o.args)
-    if o.density not in DENSITIES:
-        raise ValueError(f"unknown objective.density {o.density!r}; choose one of {', '.join(DENSITIES)}")
-    return Denoising(path(cfg), density=DENSITIES[o.density](**o.density_args), weighting=o.weighting,
-                     min_snr_gamma=o.min_snr_gamma, label_dropout=dropout, null=null)
+    return method.objective(cfg, path(cfg), label_dropout=dropout, null=n_classes if dropout else None,
+                            teacher=teacher)
 
 
 def describe(cfg: Config) -> dict[str, Any]:
     """The facts a reader of a report needs, in one line each."""
     facts = {"data": cfg.data.name, "net": cfg.model.net, "path": cfg.model.path, "prediction": cfg.model.prediction}
-    if cfg.objective.name == "denoising":
-        facts.update(density=cfg.objective.density, weighting=cfg.objective.weighting)
-    else:
-        facts.update(method=cfg.objective.name, **{k: v for k, v in cfg.objective.args.items()})
-    return {**facts, "steps": cfg.train.steps}
+    return {**facts, **registry.get(cfg.objective.name).facts(cfg), "steps": cfg.train.steps}

@@ -5,9 +5,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from diffkit import grids, samplers
+from diffkit import grids, registry, samplers
 from diffkit.config import Config, path
-from diffkit.onestep import reflow, shortcut, sid
 from diffkit.precond import Precond
 from diffkit.samplers.guidance import ClassifierFree
 from diffkit.samplers.noise import GaussianNoise
@@ -17,25 +16,13 @@ from diffkit.train.fast import FastDenoiser
 def grid(cfg: Config, steps: int | None = None) -> Tensor:
     """The sigma grid of cfg.sample, with `steps` overriding its step count."""
     s, p = cfg.sample, path(cfg)
-    n = steps or s.steps
-    lo, hi = s.sigma_min or p.sigma_min, s.sigma_max or p.sigma_max
-    if s.grid == "karras":
-        return grids.karras(n, lo, hi, s.rho)
-    if s.grid == "uniform_t":
-        return grids.uniform_t(p, n, float(p.t(lo)), float(p.t(hi)))
-    if s.grid == "log_snr":
-        return grids.log_snr_uniform(p, n, lo, hi)
-    if s.grid == "distill":
-        return reflow.distill_grid(n, path=p, sigma_start=hi)
-    raise ValueError(f"unknown sample.grid {s.grid!r}; choose karras, uniform_t, log_snr or distill")
+    return grids.named(s.grid, p, steps or s.steps, sigma_min=s.sigma_min or p.sigma_min,
+                       sigma_max=s.sigma_max or p.sigma_max, rho=s.rho)
 
 
 def sampler_name(cfg: Config, sampler: str | None) -> str:
-    """The sampler a run uses: shortcut and SiD models have their own; others take `sampler` or the config's."""
-    own = cfg.objective.name if cfg.objective.name in ("shortcut", "sid") else None
-    if own and sampler not in (None, own):
-        raise ValueError(f"a {own} model samples with its own sampler ({own}, --steps 1/2/4/...), not {sampler!r}")
-    return own or sampler or cfg.sample.sampler
+    """The sampler a run uses: its method's own (shortcut, SiD), or `sampler`, or the config's."""
+    return registry.get(cfg.objective.name).sampler_name(sampler, cfg.sample.sampler)
 
 
 def steps_for_nfe(sampler: str, nfe: int) -> int:
@@ -50,15 +37,17 @@ def sample(model: Precond, cfg: Config, shape: tuple[int, ...], n: int, *, sampl
     """n samples (n, *shape) and the NFE per sample. Sample i depends only on (seed, i), not on `batch`.
 
     fast: run the denoiser (guidance included) through FastDenoiser (diffkit.train.fast): compiled, bf16 and one
-    CUDA graph per call on CUDA (elsewhere compiled in fp32: the same samples, for testing). Shortcut and SiD
-    models ignore it.
+    CUDA graph per call on CUDA (elsewhere compiled in fp32: the same samples, for testing). Methods with their
+    own sampler (shortcut, SiD) ignore it.
     """
-    name = sampler_name(cfg, sampler)
+    method = registry.get(cfg.objective.name)
+    name = method.sampler_name(sampler, cfg.sample.sampler)
     steps = steps or cfg.sample.steps
     if label is not None and not 0 <= label < n_classes:
         raise ValueError(f"--label must be in [0, {n_classes - 1}] for this model" if n_classes else
                          "this model was trained without labels: --label and --guidance need a conditional model")
-    draw = _one_step_method(model, cfg, name, steps, guidance, label, n_classes)
+    draw = None if method.sampler is None else method.draw(model, cfg, steps=steps, guidance=guidance, label=label,
+                                                            n_classes=n_classes)
     device = next(model.parameters()).device
     out, nfe, compiled = [], 0, {}  # one FastDenoiser per batch size: each compiles once
     for start in tqdm(range(0, n, batch), desc=f"sampling {name}", disable=not progress):
@@ -77,35 +66,6 @@ def sample(model: Precond, cfg: Config, shape: tuple[int, ...], n: int, *, sampl
         out.append(samplers.get(name)(counter, x, sigmas, noise=noise).cpu())
         nfe = counter.nfe
     return torch.cat(out), nfe
-
-
-def _one_step_method(model, cfg: Config, name: str, steps: int, guidance, label, n_classes):
-    """For shortcut and SiD models: (z, noise) -> (samples, NFE); None for denoisers and the generic samplers."""
-    args = cfg.objective.args
-    if name == "shortcut":
-        levels = args.get("levels", shortcut.LEVELS)
-        guided = guidance is not None and guidance != 1
-
-        def draw(z, noise):
-            x = shortcut.shortcut_sample(model, z, steps, cond=_labels(label, z), guidance=guidance, null=n_classes,
-                                         levels=levels)
-            return x, steps * (2 if guided else 1)
-        return draw
-    if name == "sid":
-        if guidance is not None:
-            raise ValueError("a SiD generator is sampled without guidance (bake it into the teacher instead)")
-        sigma_init = args.get("sigma_init", sid.SIGMA_INIT)
-
-        def draw(z, noise):
-            x = sid.sid_sample(model.generator, z, sigma_init=sigma_init, steps=steps, cond=_labels(label, z), noise=noise)
-            return x, steps
-        return draw
-    return None
-
-
-def _labels(label: int | None, z: Tensor) -> Tensor | None:
-    """The class `label` for every row of z, or None (unconditional)."""
-    return None if label is None else torch.full((len(z),), label, dtype=torch.long, device=z.device)
 
 
 def _denoiser(model, b, guidance, label, n_classes, device):

@@ -50,6 +50,13 @@ def uniform_t(path: Path, n: int, t_min: float | None = None, t_max: float | Non
     return _append_zero(path.sigma(t))
 
 
+def uniform_t_to_zero(path: Path, n: int, t_max: float) -> Tensor:
+    """n equal steps in the path's time from t_max to t = 0, the last one included (t_max (n - i) / n, then 0).
+
+    The times a k-step distilled flow is trained at and sampled on with Euler (Liu et al. 2022, §2.3)."""
+    return uniform_t(path, n, t_min=t_max / n, t_max=t_max)
+
+
 def log_snr_uniform(path: Path, n: int, sigma_min: float | None = None, sigma_max: float | None = None) -> Tensor:
     """n steps uniform in log-SNR = -2 log sigma (geometric in sigma); the same for every path."""
     lo = path.sigma_min if sigma_min is None else sigma_min
@@ -57,6 +64,24 @@ def log_snr_uniform(path: Path, n: int, sigma_min: float | None = None, sigma_ma
     if n == 1:
         return _append_zero(torch.tensor([hi], dtype=torch.float64))
     return _append_zero(torch.logspace(np.log10(hi), np.log10(lo), n, dtype=torch.float64))
+
+
+NAMED = ("karras", "uniform_t", "log_snr", "distill")
+
+
+def named(name: str, path: Path, n: int, *, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """The grid a run's config names (`sample.grid`), n steps from sigma_max towards sigma_min.
+
+    "distill" is `uniform_t_to_zero` from sigma_max: it ends with a full step to 0 instead of at sigma_min."""
+    if name == "karras":
+        return karras(n, sigma_min, sigma_max, rho)
+    if name == "uniform_t":
+        return uniform_t(path, n, float(path.t(sigma_min)), float(path.t(sigma_max)))
+    if name == "log_snr":
+        return log_snr_uniform(path, n, sigma_min, sigma_max)
+    if name == "distill":
+        return uniform_t_to_zero(path, n, float(path.t(sigma_max)))
+    raise ValueError(f"unknown sample.grid {name!r}; choose {', '.join(NAMED[:-1])} or {NAMED[-1]}")
 
 
 def discrete_timesteps(n: int, spacing: str = "leading", num_train: int = 1000, steps_offset: int = 0) -> Tensor:

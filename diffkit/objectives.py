@@ -11,7 +11,8 @@ exact target (EDM, Karras et al. 2022, Eq. 8 and §5). The weighting is stated i
     "min_snr"  lambda = min(SNR, gamma), SNR = 1 / sigma^2             (Hang et al. 2023, Eq. 7)
 
 Flow matching is this objective with RectifiedFlow, prediction "velocity" and "uniform" weighting.
-Losses are per sample; the training loop reduces them.
+Losses are per sample; the training loop reduces them. `DenoisingMethod` is how the jobs build it from a
+run's config (diffkit.method).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 from torch import Tensor
 
 from diffkit._tensor import per_sample
-from diffkit.paths import LogNormal, Path, Uniform
+from diffkit.method import Method
+from diffkit.paths import DENSITIES, LogNormal, Path, Uniform
 from diffkit.precond import Precond, from_x0_eps
 
 WEIGHTINGS = ("uniform", "edm", "min_snr")
@@ -75,3 +77,26 @@ class Denoising:
         f = model.raw(x0 + per_sample(sigma, x0) * eps, sigma, cond)
         err = ((f - self.target(model, x0, eps, t)) ** 2).reshape(b, -1).mean(1)
         return self.weight(model, sigma).to(err.dtype) * err
+
+
+class DenoisingMethod(Method):
+    """Denoising / flow matching as a run's method: `objective.density`, `density_args`, `weighting`,
+    `min_snr_gamma` and `label_dropout` configure it; it takes no `objective.args`."""
+
+    name = "denoising"
+    objective_class = Denoising
+
+    def check_args(self, args: dict) -> None:
+        if args:
+            raise ValueError("objective.args configures a one-step method (shortcut, reflow, sid); denoising takes "
+                             "objective.density, density_args, weighting, min_snr_gamma and label_dropout")
+
+    def objective(self, cfg, path: Path, *, label_dropout: float, null: int | None, teacher=None) -> Denoising:
+        o = cfg.objective
+        if o.density not in DENSITIES:
+            raise ValueError(f"unknown objective.density {o.density!r}; choose one of {', '.join(DENSITIES)}")
+        return Denoising(path, density=DENSITIES[o.density](**o.density_args), weighting=o.weighting,
+                         min_snr_gamma=o.min_snr_gamma, label_dropout=label_dropout, null=null)
+
+    def facts(self, cfg) -> dict:
+        return {"density": cfg.objective.density, "weighting": cfg.objective.weighting}

@@ -311,3 +311,6 @@ class LogitNormal:
     def sample(self, path: Path, n: int, generator: torch.Generator | None = None) -> Tensor:
         u = torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, dtype=torch.float64, device=_device(generator)))
         return path.t_min + (path.t_max - path.t_min) * u
+
+
+DENSITIES = {"uniform": Uniform, "lognormal": LogNormal, "logit_normal": LogitNormal}

@@ -14,10 +14,10 @@ import yaml
 from safetensors.torch import save_file
 
 from diffkit import config as configs
-from diffkit import generate, report
+from diffkit import generate, registry, report
 from diffkit.config import Config
 from diffkit.eval import metrics
-from diffkit.onestep import reflow
+from diffkit.method import Method, Trained
 from diffkit.train import checkpoint
 from diffkit.train.loop import train
 
@@ -65,7 +65,7 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
     torch.manual_seed(cfg.train.seed)
     shape = configs.sample_shape(cfg, x)
     denoiser = configs.model(cfg, shape, n_classes)
-    if cfg.model.init is not None:  # reflow fine-tunes the teacher; SiD copies it into generator and fake
+    if cfg.model.init is not None:  # e.g. reflow fine-tunes the teacher; SiD copies it into generator and fake
         denoiser.load_state_dict(ema_weights(cfg.model.init))
     denoiser = denoiser.to(_device())
     model = configs.trainable(cfg, denoiser)
@@ -140,81 +140,29 @@ def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, s
     return result
 
 
-STRAIGHTNESS_N, STRAIGHTNESS_STEPS = 512, 128  # what reflow_run measures straightness on
+def trained(run_dir: Path) -> Trained:
+    """A trained run as a method's command sees it: load_run's results, its method and its grids by name."""
+    cfg, model, shape, n_classes = load_run(run_dir)
+    return Trained(Path(run_dir), cfg, model, shape, n_classes, registry.get(cfg.objective.name),
+                   grid=lambda name, steps: generate.grid(configs.derive(cfg, [f"sample.grid={name}"]), steps),
+                   device=_device())
 
 
-def reflow_run(teacher_dir: Path, out_dir: Path, *, n: int, sampler: str, steps: int, grid: str = "karras",
-               seed: int = 0, distill: int = 0, overrides: list[str] = (), progress: bool = True) -> Path:
-    """ReFlow (Liu et al. 2022, Alg. 1): couples from a trained rectified flow, then the next flow trained on them.
+def derive_run(method: Method, teacher_dir: Path, out_dir: Path, *, options: dict, overrides: list[str] = (),
+               progress: bool = True) -> Path:
+    """A new run of `method` in out_dir made from the trained run teacher_dir (`diffkit reflow`, `diffkit distill`).
 
-    The couples are drawn with `sampler` on `steps` steps of `grid` (karras by default: a flow's own uniform_t
-    grid starts at sigma ~1000, where Heun's first step is far off) and go to out_dir/couples (resumable
-    shards); the new run starts from the teacher's EMA weights and trains in out_dir. distill = k >= 1 trains
-    only at the times of a k-step Euler sampler instead (§2.3).
+    The method checks the teacher and derives the new config (the overrides go on top, all checked) before it
+    does any work of its own (ReFlow's couples), then the new run trains and the method measures it against
+    its teacher (ReFlow: straightness) into the new run's report.
     """
-    cfg, model, shape, n_classes = load_run(teacher_dir)
-    out_dir = Path(out_dir)
-    m = cfg.model
-    # The new run starts from the teacher's weights with the teacher's parametrization, which must be a flow's.
-    flow = (m.path, m.prediction, m.shift) == ("rectified_flow", "velocity", 1)
-    if cfg.objective.name in ("shortcut", "sid") or not flow:
-        raise ValueError(f"reflow needs a rectified-flow teacher (model.path=rectified_flow, model.prediction="
-                         f"velocity, trained by denoising or reflow); {teacher_dir} is a {cfg.objective.name} run "
-                         f"with model.path={m.path}, model.prediction={m.prediction}, model.shift={m.shift}")
-    # Derived (and so checked) before any couple is drawn. Paths are quoted: overrides are parsed as YAML.
-    new = configs.derive(cfg, ["objective.name=reflow", f"objective.args={{distill: {distill}}}",
-                               f"data.couples={_quote(out_dir / 'couples')}", f"model.init={_quote(teacher_dir)}",
-                               "sample.sampler=euler", "sample.grid=distill", f"sample.steps={max(distill, 1)}",
-                               *overrides])
-    labels = torch.arange(n) % n_classes if n_classes else None
-    sigmas = generate.grid(configs.derive(cfg, [f"sample.grid={grid}"]), steps)
-    reflow.make_couples(model, sampler, sigmas, shape, n, out_dir / "couples", seed=seed,
-                        labels=labels, device=_device(), progress=progress)
+    teacher, out_dir = trained(teacher_dir), Path(out_dir)
+    new = configs.derive(teacher.cfg, [*method.derive(teacher, options, out_dir), *overrides])
+    method.before_training(teacher, options, out_dir, progress=progress)
     train_run(new, out_dir, progress=progress)
-    # Straightness (Liu et al. 2022, §2.3) of the flow the couples came from and of the new one, on the same noise.
-    before, after = (_straightness(m, shape, n_classes) for m in (model, load_run(out_dir)[1]))
-    result = {"straightness_before": before, "straightness_after": after, "n": STRAIGHTNESS_N,
-              "sampler": "euler", "grid": f"uniform_t, {STRAIGHTNESS_STEPS} steps", "seed": 0}
-    report.atomic_write(out_dir / "straightness.json", json.dumps(result, indent=2))
-    report.atomic_write(out_dir / "report.md", (out_dir / "report.md").read_text() + (
-        f"Straightness of the trajectories (Liu et al. 2022; 0 is straight; {STRAIGHTNESS_N} samples, "
-        f"{STRAIGHTNESS_STEPS} Euler steps): {before:.4g} for {teacher_dir}, {after:.4g} after reflow.\n"))
+    files, text = method.after_training(teacher, trained(out_dir), options)
+    for name, content in files.items():
+        report.atomic_write(out_dir / name, json.dumps(content, indent=2))
+    if text:
+        report.atomic_write(out_dir / "report.md", (out_dir / "report.md").read_text() + text)
     return out_dir
-
-
-@torch.no_grad()
-def _straightness(model: torch.nn.Module, shape: tuple[int, ...], n_classes: int) -> float:
-    """Mean straightness of a flow's Euler trajectories from STRAIGHTNESS_N seeded noises (labels cycled)."""
-    device = _device()
-    z = torch.randn((STRAIGHTNESS_N, *shape), generator=torch.Generator().manual_seed(0)).to(device)
-    labels = (torch.arange(STRAIGHTNESS_N) % n_classes).to(device) if n_classes else None
-    denoiser = model if labels is None else (lambda x, sigma: model(x, sigma, labels))
-    return reflow.straightness(denoiser, z, STRAIGHTNESS_STEPS).mean().item()
-
-
-def _quote(folder: str | Path) -> str:
-    """A folder as a YAML string: unquoted, `1`, `on` or `a #b` would parse as a number, a bool or be cut short."""
-    return json.dumps(str(Path(folder)))
-
-
-# SiD from a trained start: Adam beta1 = 0, no clipping, and an EMA whose half-life ramps up as 0.05 x the steps
-# so far (Zhou et al. 2024, run_sid.sh). The EMA generator is the one sampled, and it starts as the teacher: a
-# fixed 0.999 decay kept 37% of the teacher after 1000 steps (digits FD 26.6 at 1 NFE; with the ramp-up, 3.2).
-# The paper's lr 1e-5 is for 56M-parameter UNets at batch 256+; from the onestep bench's digits teacher the MLP
-# reached FD 1.98 at 2000 steps with lr 3e-4 against 2.34 with 1e-4.
-SID_TRAIN = ["train.lr=3e-4", "train.adam_beta1=0", "train.warmup=0", "train.cosine=false", "train.grad_clip=.inf",
-             "train.steps=4000", "train.ema_decay=0.999", "train.ema_rampup=0.05"]
-
-
-def distill_run(teacher_dir: Path, out_dir: Path, *, method: str = "sid", overrides: list[str] = (),
-                progress: bool = True) -> Path:
-    """A one-step generator distilled from a trained run: SiD (alpha 1.2) or FGM (SiD at alpha 0.5)."""
-    methods = {"sid": [], "fgm": ["objective.args.alpha=0.5"]}
-    if method not in methods:
-        raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(methods)}")
-    cfg, _, _, _ = load_run(teacher_dir)
-    if cfg.objective.name != "denoising":
-        raise ValueError(f"distill needs a denoising teacher; {teacher_dir} is a {cfg.objective.name} run")
-    new = configs.derive(cfg, ["objective.name=sid", "objective.args={}", f"model.init={_quote(teacher_dir)}",
-                               "sample.steps=1", *SID_TRAIN, *methods[method], *overrides])
-    return train_run(new, out_dir, progress=progress)

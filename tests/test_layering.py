@@ -11,10 +11,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "diffkit"
 RANK = {
     "_tensor": 0, "contracts": 0, "nets": 0, "data": 0,
     "paths": 1,
-    "grids": 2, "precond": 2,
+    "grids": 2, "precond": 2, "method": 2,
     "objectives": 3, "samplers": 3,
     "analytic": 4, "onestep": 4, "codecs": 4, "flows": 4,
-    "train": 5, "eval": 5,
+    "train": 5, "eval": 5, "registry": 5,
     # The jobs the CLI runs, each above what it uses.
     "config": 6, "report": 6, "generate": 7, "run": 8, "demo": 9,
     "cli": 10,

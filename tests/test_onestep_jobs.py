@@ -142,8 +142,8 @@ def test_reflow_couples_init_grid_and_resume(teacher, tmp_path):
 
     # Straightness before and after, on the same seeded noise: lr = 0 left the teacher's weights, so they agree.
     got = json.loads((out / "straightness.json").read_text())
-    z = torch.randn((run.STRAIGHTNESS_N, *shape), generator=torch.Generator().manual_seed(0))
-    want = reflow.straightness(tmodel, z, run.STRAIGHTNESS_STEPS).mean().item()
+    z = torch.randn((reflow.STRAIGHTNESS_N, *shape), generator=torch.Generator().manual_seed(0))
+    want = reflow.straightness(tmodel, z, reflow.STRAIGHTNESS_STEPS).mean().item()
     assert got["straightness_before"] == pytest.approx(want, rel=1e-6) and want > 1e-3
     assert got["straightness_after"] == pytest.approx(want, rel=1e-6)
     assert "Straightness of the trajectories" in (out / "report.md").read_text()
@@ -177,8 +177,8 @@ def test_reflow_distill_learns_a_one_step_map_of_its_couples(teacher, tmp_path):
     assert dist(one_step) < 0.5 * dist(before) < 0.01
     # straightness.json's "after" is the trained model's own (it moved away from the teacher's "before").
     got = json.loads((out / "straightness.json").read_text())
-    zs = torch.randn((run.STRAIGHTNESS_N, *shape), generator=torch.Generator().manual_seed(0))
-    after = reflow.straightness(model, zs, run.STRAIGHTNESS_STEPS).mean().item()
+    zs = torch.randn((reflow.STRAIGHTNESS_N, *shape), generator=torch.Generator().manual_seed(0))
+    after = reflow.straightness(model, zs, reflow.STRAIGHTNESS_STEPS).mean().item()
     assert got["straightness_after"] == pytest.approx(after, rel=1e-6)
     assert got["straightness_after"] != pytest.approx(got["straightness_before"], rel=1e-2)
 

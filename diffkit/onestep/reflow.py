@@ -32,6 +32,9 @@ Couples are written in shards `couples-00000.safetensors` (tensors noise, sample
 each to a temporary name and renamed into place. Couple i depends only on (seed, i): its noise comes from
 its own generator (samplers.noise.GaussianNoise), so shard and batch sizes do not change the couples (bit for
 bit with the exact analytic denoisers; a network's batched matmuls may round differently, ~1e-7 in float32).
+
+`ReflowMethod` is how the jobs train it from a run's config, and `diffkit reflow RUN` (Alg. 1: couples from a
+trained flow, then the next flow trained on them) derives a new run from a trained one (diffkit.method).
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ from tqdm import tqdm
 
 from diffkit import grids, samplers
 from diffkit._tensor import per_sample
+from diffkit.method import Method, Option, Trained, quote
 from diffkit.objectives import Denoising
 from diffkit.paths import Path, RectifiedFlow, Uniform
 from diffkit.precond import Precond, convert
@@ -192,8 +196,7 @@ def distill_grid(steps: int, *, path: Path | None = None, sigma_start: float | N
     A model distilled with Reflow(distill=k) is trained exactly at these times; sample it with `euler` on this grid.
     """
     path = path or RectifiedFlow()
-    t_start = float(path.t(path.sigma_max if sigma_start is None else sigma_start))
-    return grids.uniform_t(path, steps, t_min=t_start / steps, t_max=t_start)
+    return grids.uniform_t_to_zero(path, steps, float(path.t(path.sigma_max if sigma_start is None else sigma_start)))
 
 
 class Reflow:
@@ -274,3 +277,71 @@ def straightness(denoiser: Callable, z: Tensor, sigmas: Tensor | int = 256, *, s
     dev = torch.stack([((v - mean_v) ** 2).reshape(len(z), -1).sum(1) for v in velocities])  # (steps, B)
     w = (t[:-1] - t[1:]) / (t[0] - t[-1])
     return (w[:, None].to(dev.device) * dev).sum(0)
+
+
+STRAIGHTNESS_N, STRAIGHTNESS_STEPS = 512, 128  # what `diffkit reflow` measures straightness on
+
+
+class ReflowMethod(Method):
+    """ReFlow as a run's method: flow matching on fixed couples; `diffkit reflow RUN` draws them and trains."""
+
+    name = "reflow"
+    objective_class = Reflow
+    own_args = ("path",)
+    trains_flow = True
+    command = "reflow"
+    command_help = "ReFlow a trained flow: draw (noise, sample) couples, train the next flow on them"
+    options = (
+        Option("n", int, 20000, "number of couples (default 20000)"),
+        Option("sampler", str, "heun", "sampler that draws the couples (default heun)"),
+        Option("steps", int, 18, "its grid steps (default 18: 35 NFE with heun)"),
+        Option("grid", str, "karras", "its sigma grid: karras (default), uniform_t, log_snr or distill"),
+        Option("seed", int, 0, "seed of the couples' noise"),
+        Option("distill", int, 0, "train only at the times of a K-step Euler sampler (K = 1: a one-step model)"),
+    )
+
+    def objective(self, cfg, path: Path, *, label_dropout: float, null: int | None, teacher=None) -> Reflow:
+        return Reflow(path, **cfg.objective.args)
+
+    def derive(self, teacher: Trained, options: dict, out_dir: FilePath) -> list[str]:
+        """The new run starts from the teacher's EMA weights with its parametrization, which must be a flow's.
+
+        The couples are drawn with `sampler` on `steps` steps of `grid` (karras by default: a flow's own uniform_t
+        grid starts at sigma ~1000, where Heun's first step is far off) into out_dir/couples; distill = k >= 1
+        trains only at the times of a k-step Euler sampler instead (§2.3)."""
+        m = teacher.cfg.model
+        flow = (m.path, m.prediction, m.shift) == ("rectified_flow", "velocity", 1)
+        if teacher.method.sampler is not None or not flow:
+            raise ValueError(f"reflow needs a rectified-flow teacher (model.path=rectified_flow, model.prediction="
+                             f"velocity, trained by denoising or reflow); {teacher.folder} is a "
+                             f"{teacher.cfg.objective.name} run with model.path={m.path}, model.prediction="
+                             f"{m.prediction}, model.shift={m.shift}")
+        distill = options["distill"]
+        return ["objective.name=reflow", f"objective.args={{distill: {distill}}}",
+                f"data.couples={quote(out_dir / 'couples')}", f"model.init={quote(teacher.folder)}",
+                "sample.sampler=euler", "sample.grid=distill", f"sample.steps={max(distill, 1)}"]
+
+    def before_training(self, teacher: Trained, options: dict, out_dir: FilePath, *, progress: bool) -> None:
+        n, n_classes = options["n"], teacher.n_classes
+        labels = torch.arange(n) % n_classes if n_classes else None
+        make_couples(teacher.model, options["sampler"], teacher.grid(options["grid"], options["steps"]),
+                     teacher.shape, n, out_dir / "couples", seed=options["seed"], labels=labels,
+                     device=teacher.device, progress=progress)
+
+    def after_training(self, teacher: Trained, trained: Trained, options: dict) -> tuple[dict[str, dict], str]:
+        """Straightness (Liu et al. 2022, §2.3) of the flow the couples came from and of the new one, same noise."""
+        before, after = (_mean_straightness(run) for run in (teacher, trained))
+        result = {"straightness_before": before, "straightness_after": after, "n": STRAIGHTNESS_N,
+                  "sampler": "euler", "grid": f"uniform_t, {STRAIGHTNESS_STEPS} steps", "seed": 0}
+        text = (f"Straightness of the trajectories (Liu et al. 2022; 0 is straight; {STRAIGHTNESS_N} samples, "
+                f"{STRAIGHTNESS_STEPS} Euler steps): {before:.4g} for {teacher.folder}, {after:.4g} after reflow.\n")
+        return {"straightness.json": result}, text
+
+
+@torch.no_grad()
+def _mean_straightness(run: Trained) -> float:
+    """Mean straightness of a run's Euler trajectories from STRAIGHTNESS_N seeded noises (labels cycled)."""
+    z = torch.randn((STRAIGHTNESS_N, *run.shape), generator=torch.Generator().manual_seed(0)).to(run.device)
+    labels = (torch.arange(STRAIGHTNESS_N) % run.n_classes).to(run.device) if run.n_classes else None
+    denoiser = run.model if labels is None else _bind(run.model, labels)
+    return straightness(denoiser, z, STRAIGHTNESS_STEPS).mean().item()

@@ -21,15 +21,18 @@ checkpoint, and at d = d_min (extra = 1) and t < 1, `model(x, sigma, extra=...)`
 denoiser that diffkit's generic samplers can use. d is encoded as log2(1/d) / K in [0, 1] (0: one step over
 the whole interval, 1: d_min): the paper feeds the integer log2(1/d) to a timestep embedder, and the
 rescaling puts it on the same [0, 1] scale as t for the net's Fourier features.
+
+`ShortcutMethod` is how the jobs train and sample it from a run's config (diffkit.method).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from diffkit._tensor import per_sample
+from diffkit.method import Method, labels_of
 from diffkit.paths import RectifiedFlow
 from diffkit.precond import Precond
 
@@ -187,3 +190,36 @@ def shortcut_sample(model: Precond, z: Tensor, steps: int, *, cond: Tensor | Non
              else shortcut_velocity(model, x, t, d, cond, levels=levels))
         x = x - per_sample(d, x) * v  # shortcut Euler step from t to t - d
     return x
+
+
+class ShortcutMethod(Method):
+    """Shortcut models as a run's method: a flow whose net also takes the step size, sampled by its own sampler."""
+
+    name = "shortcut"
+    objective_class = Shortcut
+    own_args = ("label_dropout", "null")
+    trains_flow = True
+    extra_scalars = 1
+    sampler = "shortcut"
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        # Checked with the config, not after training, when the job samples the model with sample.steps.
+        valid = step_counts(cfg.objective.args.get("levels", LEVELS))
+        if cfg.sample.steps not in valid:
+            raise ValueError(f"sample.steps={cfg.sample.steps}: a shortcut model samples with a power of two steps "
+                             f"({', '.join(map(str, valid))} for its levels)")
+
+    def objective(self, cfg, path, *, label_dropout: float, null: int | None, teacher=None) -> Shortcut:
+        return Shortcut(label_dropout=label_dropout, null=null, **cfg.objective.args)
+
+    def draw(self, model: Precond, cfg, *, steps: int, guidance: float | None, label: int | None,
+             n_classes: int) -> Callable:
+        levels = cfg.objective.args.get("levels", LEVELS)
+        guided = guidance is not None and guidance != 1
+
+        def draw(z: Tensor, noise) -> tuple[Tensor, int]:
+            x = shortcut_sample(model, z, steps, cond=labels_of(label, z), guidance=guidance, null=n_classes,
+                                levels=levels)
+            return x, steps * (2 if guided else 1)
+        return draw

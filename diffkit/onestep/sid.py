@@ -35,10 +35,14 @@ in the paper's order; each phase leaves the other network without gradients, so 
 EMA's generator is the one to sample. Losses are summed over elements and scaled (generator 100, fake 1),
 as the reference code sums over pixels before dividing by the batch. Samples with NaNs in x_g or in either
 denoiser's output contribute zero; if their NaNs reach the gradients, the loop skips the step.
+
+`SiDMethod` is how the jobs train and sample it from a run's config, and `diffkit distill RUN` derives a SiD
+(or FGM) run from a trained denoiser (diffkit.method).
 """
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -48,7 +52,8 @@ from torch.func import functional_call
 from diffkit._tensor import per_sample
 from diffkit.contracts import NoiseSource
 from diffkit.grids import karras
-from diffkit.samplers.noise import resolve
+from diffkit.method import Method, Option, Trained, labels_of, quote
+from diffkit.samplers.consistency import consistency
 
 ROLES = ("generator", "fake", "fake_frozen")
 SIGMA_INIT = 2.5  # the generator's fixed input noise level (reference code, run_sid.sh)
@@ -193,18 +198,70 @@ def sid_sample(generator: nn.Module | Callable[..., Tensor], z: Tensor, *, sigma
     """Samples (B, ...) from a SiD generator G (the EMA's) and z ~ N(0, I) (B, ...), with `steps` calls of G.
 
     SiD trains G for one step: x = G(sigma_init z, sigma_init). steps > 1 is consistency models' multistep
-    sampling (Song et al. 2023, Alg. 1): re-noise the sample, x + sigma_i eps, and denoise it with G again at
-    the decreasing levels sigma_1 > ... > sigma_{steps-1} of the Karras grid karras(steps + 1, sigma_min,
-    sigma_init) (its last level, sigma_min, is left out: denoising at it changes nothing). G has been
-    trained only at sigma_init, so below it runs on what it kept from the teacher: measure before use.
-    noise: where eps comes from (a NoiseSource; default the global RNG).
+    sampling (diffkit.samplers.consistency) from sigma_init z on `sid_grid`. G has been trained only at
+    sigma_init, so below it runs on what it kept from the teacher: measure before use.
+    noise: where the re-noising draws come from (a NoiseSource; default the global RNG).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    source = resolve(noise, None)
-    x = sigma_init * z
-    for i, sigma in enumerate(karras(steps + 1, sigma_min, sigma_init)[:steps].tolist()):
-        if i > 0:  # re-noise to the next, lower level (Song et al. 2023, Alg. 1)
-            x = x + sigma * source(i, x, x)
-        x = _call(generator, x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device), cond)
-    return x
+    denoiser = generator if cond is None else (lambda x, sigma: generator(x, sigma, cond))
+    return consistency(denoiser, sigma_init * z, sid_grid(steps, sigma_init, sigma_min), noise=noise)
+
+
+def sid_grid(steps: int, sigma_init: float = SIGMA_INIT, sigma_min: float = 0.002) -> Tensor:
+    """The levels sigma_init = sigma_0 > ... > sigma_{steps-1} of the Karras grid karras(steps + 1, sigma_min,
+    sigma_init), then 0: its last level, sigma_min, is left out, since denoising at it changes nothing."""
+    return torch.cat([karras(steps + 1, sigma_min, sigma_init)[:steps], torch.zeros(1, dtype=torch.float64)])
+
+
+# SiD from a trained start: Adam beta1 = 0, no clipping, and an EMA whose half-life ramps up as 0.05 x the steps
+# so far (Zhou et al. 2024, run_sid.sh). The EMA generator is the one sampled, and it starts as the teacher: a
+# fixed decay of 0.999 keeps 0.999^1000 = 37% of the teacher after 1000 steps. The paper's lr 1e-5 is for
+# 56M-parameter UNets at batch 256+; the one-step benchmark (benchmarks/results/onestep.md) trains the digits MLP
+# with these settings.
+SID_TRAIN = ["train.lr=3e-4", "train.adam_beta1=0", "train.warmup=0", "train.cosine=false", "train.grad_clip=.inf",
+             "train.steps=4000", "train.ema_decay=0.999", "train.ema_rampup=0.05"]
+ALPHAS = {"sid": [], "fgm": ["objective.args.alpha=0.5"]}  # `diffkit distill --method`: SiD's alpha or FGM's
+
+
+class SiDMethod(Method):
+    """SiD as a run's method: a generator/fake pair distilled from model.init's EMA weights, one call per step."""
+
+    name = "sid"
+    objective_class = SiD
+    own_args = ("teacher",)
+    sampler = "sid"
+    command = "distill"
+    command_help = "distil a trained run into a one-step generator (SiD, or FGM = SiD at alpha 0.5)"
+    options = (Option("method", str, "sid", "sid (alpha 1.2) or fgm (alpha 0.5)"),)
+
+    def objective(self, cfg, path, *, label_dropout: float, null: int | None, teacher: nn.Module | None) -> SiD:
+        if teacher is None:
+            raise ValueError("objective.name=sid distils a teacher: set model.init to the teacher's run folder "
+                             "(or use `diffkit distill RUN --method sid`)")
+        return SiD(teacher, **cfg.objective.args)
+
+    def trainable(self, denoiser: nn.Module) -> SiDStudent:
+        return SiDStudent.from_teacher(denoiser)
+
+    def draw(self, model: SiDStudent, cfg, *, steps: int, guidance: float | None, label: int | None,
+             n_classes: int) -> Callable:
+        if guidance is not None:
+            raise ValueError("a SiD generator is sampled without guidance (bake it into the teacher instead)")
+        sigma_init = cfg.objective.args.get("sigma_init", SIGMA_INIT)
+
+        def draw(z: Tensor, noise: NoiseSource) -> tuple[Tensor, int]:
+            x = sid_sample(model.generator, z, sigma_init=sigma_init, steps=steps, cond=labels_of(label, z),
+                           noise=noise)
+            return x, steps
+        return draw
+
+    def derive(self, teacher: Trained, options: dict, out_dir: Path) -> list[str]:
+        method = options["method"]
+        if method not in ALPHAS:
+            raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(ALPHAS)}")
+        if teacher.cfg.objective.name != "denoising":
+            raise ValueError(f"distill needs a denoising teacher; {teacher.folder} is a "
+                             f"{teacher.cfg.objective.name} run")
+        return ["objective.name=sid", "objective.args={}", f"model.init={quote(teacher.folder)}", "sample.steps=1",
+                *SID_TRAIN, *ALPHAS[method]]

@@ -28,7 +28,9 @@ from diffkit.train.ema import EMA
 
 @dataclass
 class TrainSettings:
-    steps: int = 1000
+    """The `train` section of a run's config; the defaults are those of the built-in digits recipe (`diffkit demo`)."""
+
+    steps: int = 3000
     batch: int = 256  # global batch per optimizer step
     micro_batch: int | None = None  # per forward/backward; default batch / world size
     optimizer: str = "adamw"
@@ -37,12 +39,12 @@ class TrainSettings:
     weight_decay: float = 0.0
     adam_beta1: float = 0.9  # SiD uses 0 for both of its networks
     adam_beta2: float = 0.999
-    warmup: int = 100
+    warmup: int = 200
     cosine: bool = True
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_rampup: float = 0.0  # EDM's ramp-up ratio: EMA half-life <= ratio x steps so far (0: off; SiD 0.05)
-    checkpoint_every: int = 500
+    checkpoint_every: int = 1000
     keep: int = 3
     log_every: int = 50
     seed: int = 0
