@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from diffkit import config
 
@@ -9,6 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_digits_yaml_is_the_builtin_default():
     assert config.load(ROOT / "configs" / "digits.yaml") == config.Config()
+    # Every key, not only those the file has: a default added or changed in the code must show in the file.
+    raw = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    assert raw == config.to_dict(config.Config())
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
