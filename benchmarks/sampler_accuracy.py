@@ -50,6 +50,11 @@ def ours() -> list[dict]:
     for name in ("dpmpp_2m", "dpmpp_3m"):  # diffusers' own Karras range: same grid, our solver
         configs.append({"label": f"{name} (karras rho 7, sigma_min 0.01)", "sampler": name,
                         "grid": lambda n: grids.karras(n, 0.0100, SIGMA_MAX)})
+    for sigma_min in (0.002, 0.01):  # UniPC-p (order p + 1 with its corrector), next to diffusers' UniPC rows
+        for variant, p in (("bh2", 2), ("bh2", 3), ("bh1", 3)):
+            configs.append({"label": f"unipc {variant} order {p} (karras rho 7, sigma_min {sigma_min:g})",
+                            "sampler": "unipc", "options": {"order": p, "variant": variant},
+                            "grid": lambda n, lo=sigma_min: grids.karras(n, lo, SIGMA_MAX)})
     return configs
 
 
@@ -88,16 +93,17 @@ def bench_target(name: str, gmm, n: int, nfes, seed: int, calib_n: int, calib_ev
     sc = Scorer(gmm, n, seed)
     rows, calibration = [], []
 
-    def score_ours(label, sampler, sigmas, nfe, extra=None):
+    def score_ours(label, sampler, sigmas, nfe, extra=None, options=None):
         counter = samplers.NFECounter(gmm)
-        out = samplers.get(sampler)(counter, sc.start(sigmas[0].item()), sigmas)
+        out = samplers.get(sampler)(counter, sc.start(sigmas[0].item()), sigmas, **(options or {}))
         rows.append({"who": "diffkit", "label": label, "budget": nfe, "nfe": counter.nfe, "grid": sigmas.tolist(),
                      **sc.score(out, sigmas[0].item()), **(extra or {})})
 
     for cfg in ours():
         for nfe in nfes:
             if steps_for(cfg["sampler"], nfe) >= 1:
-                score_ours(cfg["label"], cfg["sampler"], cfg["grid"](steps_for(cfg["sampler"], nfe)), nfe)
+                score_ours(cfg["label"], cfg["sampler"], cfg["grid"](steps_for(cfg["sampler"], nfe)), nfe,
+                           options=cfg.get("options"))
     calib = Scorer(gmm, calib_n, seed + 1000)  # other seeds: the grid never sees the test points
     for nfe in [v for v in nfes if 2 <= v <= 20]:
         t0 = time.perf_counter()

@@ -11,10 +11,12 @@ from diffkit.samplers.base import NFECounter
 from diffkit.samplers.consistency import consistency
 from diffkit.samplers.ode import dpmpp_2m, dpmpp_3m, euler, heun, multistep, rk45
 from diffkit.samplers.sde import ddim, ddpm, dpmpp_2m_sde, euler_maruyama
+from diffkit.samplers.unipc import unipc
 
 SAMPLERS: dict[str, Callable] = {
     f.__name__: f
-    for f in (euler, heun, dpmpp_2m, dpmpp_3m, multistep, rk45, ddim, ddpm, dpmpp_2m_sde, euler_maruyama, consistency)
+    for f in (euler, heun, dpmpp_2m, dpmpp_3m, multistep, unipc, rk45, ddim, ddpm, dpmpp_2m_sde, euler_maruyama,
+              consistency)
 }
 STOCHASTIC = frozenset({"ddpm", "dpmpp_2m_sde", "euler_maruyama", "consistency"})
 

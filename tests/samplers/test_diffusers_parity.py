@@ -57,15 +57,7 @@ RF = paths.RectifiedFlow()
 
 TOL_EXACT = 1e-10  # diffusers run in float64 (see Float64): the formulas themselves
 TOL_SHIPPED = 5e-5  # diffusers as shipped: float32 tables, coefficients and (in some steps) states
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are (64, 3): splitting them over threads only adds overhead (5x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tensors here are (64, 3)
 
 
 @pytest.fixture(scope="module")

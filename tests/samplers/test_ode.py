@@ -6,16 +6,7 @@ import torch
 from diffkit import grids, samplers
 from diffkit.samplers import NFECounter
 
-SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
-
-
-@pytest.fixture(scope="module")
-def problem(ring_gmm):
-    g = torch.Generator().manual_seed(0)
-    x_T = ring_gmm.sample(200, g) + SIGMA_MAX * torch.randn(200, 2, generator=g, dtype=torch.float64)
-    # The reference takes the same final jump x = D(x, sigma_min) as the samplers, so the fitted slope
-    # measures discretization error alone (that jump's own O(sigma_min^2) error would set a floor).
-    return ring_gmm, x_T, ring_gmm.flow(x_T, SIGMA_MAX, sigma_end=SIGMA_MIN)
+SIGMA_MAX, SIGMA_MIN = 80.0, 0.002  # the range of the shared `problem` (tests/samplers/conftest.py)
 
 
 def order(gmm, x_T, ref, sampler, steps):
