@@ -105,7 +105,9 @@ def test_conditional_closure_gives_each_sample_its_own_density(ring_gmm):
 
     x = torch.cat([noisy(classes[c], 1, SIGMA_MIN, seed=i) for i, c in enumerate(labels.tolist())])
     # Each half-ring has a mean of about 2.6 away from 0: the Gaussian prior would be off by ~0.005 nats.
-    prior = lambda z: torch.where(labels == 1, classes[1].log_prob(z, SIGMA_MAX), classes[0].log_prob(z, SIGMA_MAX))  # noqa: E731
+    def prior(z):
+        return torch.where(labels == 1, classes[1].log_prob(z, SIGMA_MAX), classes[0].log_prob(z, SIGMA_MAX))
+
     got = log_likelihood(lambda x, sigma: conditional(x, sigma, labels), x, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
                          rtol=1e-7, atol=1e-7, prior=prior)
     want = torch.stack([classes[c].log_prob(x[i:i + 1], SIGMA_MIN)[0] for i, c in enumerate(labels.tolist())])
@@ -146,7 +148,9 @@ def test_bits_per_dim_of_a_gaussian_against_closed_form():
     # expected bound is closed form; its Monte-Carlo spread per dimension is Var = (a^2 delta^2 / 3 + delta^4 / 180)
     # / (4 v^2) nats^2 with a = x_k - m (Var w = 1/12, Var w^2 = 1/180, E w^3 = 0).
     levels, delta, s, draws = 17, 1 / 8, 1.0, 4
-    model = analytic.GaussianMixture(torch.tensor([[0.2, -0.1, 0.0, 0.3]]), s**2 * torch.eye(4)[None])
+    # The mean lies below every grid point, so a = x_k - m > 0 and cells misplaced by delta / 2 shift the bound by
+    # sum(a) delta / (2 v) nats: about 7 standard errors.
+    model = analytic.GaussianMixture(torch.tensor([[-1.2, -1.3, -1.1, -1.2]]), s**2 * torch.eye(4)[None])
     k = torch.randint(0, levels, (5, 1, 2, 2), generator=torch.Generator().manual_seed(0))
     x = (k / 8 - 1).to(torch.float64)
     got = bits_per_dim(model, x, levels=levels, sigma_min=1e-3, sigma_max=100.0, draws=draws, rtol=1e-6, atol=1e-6,
@@ -159,7 +163,7 @@ def test_bits_per_dim_of_a_gaussian_against_closed_form():
     # The bound sits just above the exact discrete -log2 P(k) / D of the cells x_k +- delta / 2 (Jensen's gap).
     cell = norm.cdf((a + delta / 2) / math.sqrt(v)) - norm.cdf((a - delta / 2) / math.sqrt(v))
     discrete = -torch.log2(torch.as_tensor(cell)).sum(1) / 4
-    assert ((want - discrete) > 0).all() and ((want - discrete) < 5e-3).all()
+    assert ((want - discrete) > 0).all() and ((want - discrete) < 1e-2).all()
 
 
 def test_bad_arguments(ring_gmm):
