@@ -89,8 +89,11 @@ def test_exact_and_hutchinson_agree_in_2d(ring_gmm):
 
 def test_hutchinson_is_seeded(ring_gmm):
     x = noisy(ring_gmm, 2, SIGMA_MIN)
-    run = lambda seed: log_likelihood(ring_gmm, x, sigma_min=0.1, sigma_max=10.0, divergence="hutchinson",  # noqa: E731
-                                      generator=torch.Generator().manual_seed(seed))
+
+    def run(seed):
+        return log_likelihood(ring_gmm, x, sigma_min=0.1, sigma_max=10.0, divergence="hutchinson",
+                              generator=torch.Generator().manual_seed(seed))
+
     assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
 
 
@@ -104,7 +107,8 @@ def test_conditional_closure_gives_each_sample_its_own_density(ring_gmm):
         return torch.where(cond[:, None] == 1, classes[1](x, sigma), classes[0](x, sigma))
 
     x = torch.cat([noisy(classes[c], 1, SIGMA_MIN, seed=i) for i, c in enumerate(labels.tolist())])
-    # Each half-ring has a mean of about 2.6 away from 0: the Gaussian prior would be off by ~0.005 nats.
+
+    # Each half-ring's mean is 2.6 from 0: the Gaussian prior would be off by a few 1e-3 nats, so use the exact one.
     def prior(z):
         return torch.where(labels == 1, classes[1].log_prob(z, SIGMA_MAX), classes[0].log_prob(z, SIGMA_MAX))
 
@@ -127,11 +131,12 @@ def test_any_precond_model(ring_gmm, path, kind):
 def test_linear_model_closed_form_and_no_gradient_leaks():
     # D(x) = W x + b: dx/du = A x - b with A = I - W, so x(U) = x* + e^{AU} (x - x*), x* = A^{-1} b, and the
     # divergence is the constant tr A: log p = log N(x(U); 0, sigma_max^2 I) + U tr A, U = log(sigma_max / sigma_min).
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(2, 2).double()
     with torch.no_grad():
-        lin.weight.mul_(0.5)
-    x = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+        lin.weight.copy_(0.5 * torch.randn(2, 2, generator=g, dtype=torch.float64))
+        lin.bias.copy_(torch.randn(2, generator=g, dtype=torch.float64))
+    x = torch.randn(4, 2, generator=g, dtype=torch.float64, requires_grad=True)
     with torch.no_grad():  # the likelihood needs autograd inside and turns it on itself
         got = log_likelihood(lambda x, sigma: lin(x), x, sigma_min=0.1, sigma_max=10.0, rtol=1e-9, atol=1e-9)
     assert not got.requires_grad and x.grad is None and all(p.grad is None for p in lin.parameters())
@@ -143,26 +148,31 @@ def test_linear_model_closed_form_and_no_gradient_leaks():
 
 def test_bits_per_dim_of_a_gaussian_against_closed_form():
     # Model: N(m, s^2 I) data, so p_{sigma_min} = N(m, v I) with v = s^2 + sigma_min^2 (the exact prior removes the
-    # sigma_max error). Data: digits-like, L = 17 levels, x_k = k / 8 - 1, delta = 1/8, D = 4. For the
-    # dequantized x_k + delta w, E_w[(x_k + delta w - m)^2] = (x_k - m)^2 + delta^2 / 12 per dimension, so the
+    # sigma_max error). Data: digits-like, L = 17 levels, x_k = k / 8 - 1, delta = 1/8, 4x4 images (D = 16). For
+    # the dequantized x_k + delta w, E_w[(x_k + delta w - m)^2] = (x_k - m)^2 + delta^2 / 12 per dimension, so the
     # expected bound is closed form; its Monte-Carlo spread per dimension is Var = (a^2 delta^2 / 3 + delta^4 / 180)
     # / (4 v^2) nats^2 with a = x_k - m (Var w = 1/12, Var w^2 = 1/180, E w^3 = 0).
-    levels, delta, s, draws = 17, 1 / 8, 1.0, 4
-    # The mean lies below every grid point, so a = x_k - m > 0 and cells misplaced by delta / 2 shift the bound by
-    # sum(a) delta / (2 v) nats: about 7 standard errors.
-    model = analytic.GaussianMixture(torch.tensor([[-1.2, -1.3, -1.1, -1.2]]), s**2 * torch.eye(4)[None])
-    k = torch.randint(0, levels, (5, 1, 2, 2), generator=torch.Generator().manual_seed(0))
+    levels, delta, s, draws, dim = 17, 1 / 8, 1.0, 4, 16
+    # The mean is the grid's corner x_0 = -1, so a >= 0: cells misplaced by delta / 2 shift the bound by
+    # sum(a) delta / (2 v) nats, up to 14 standard errors. The first sample sits on the mean (a = 0), where noise
+    # of the wrong width shows: width 2 delta (or delta / 2) moves the bound by 3 D delta^2 / (24 v) nats (or a
+    # quarter of that), 27 (or 7) standard errors.
+    model = analytic.GaussianMixture(-torch.ones(1, dim), s**2 * torch.eye(dim)[None])
+    k = torch.randint(0, levels, (5, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    k[0] = 0
     x = (k / 8 - 1).to(torch.float64)
-    got = bits_per_dim(model, x, levels=levels, sigma_min=1e-3, sigma_max=100.0, draws=draws, rtol=1e-6, atol=1e-6,
-                       generator=torch.Generator().manual_seed(1), prior=lambda z: model.log_prob(z, 100.0))
+    # dD/dx is a multiple of I here, so Hutchinson's Rademacher estimate of its trace is exact (v_i^2 = 1).
+    got = bits_per_dim(model, x, levels=levels, sigma_min=1e-3, sigma_max=100.0, draws=draws, divergence="hutchinson",
+                       rtol=1e-6, atol=1e-6, generator=torch.Generator().manual_seed(1),
+                       prior=lambda z: model.log_prob(z, 100.0))
     v, a = s**2 + 1e-6, x.flatten(1) - model.means
-    nats = 0.5 * ((a**2 + delta**2 / 12) / v + math.log(2 * math.pi * v)).sum(1) - 4 * math.log(delta)
-    want = nats / (4 * math.log(2))
-    se = ((a**2 * delta**2 / 3 + delta**4 / 180) / (4 * v**2)).sum(1).sqrt() / math.sqrt(draws) / (4 * math.log(2))
-    assert ((got - want).abs() < 4 * se + 1e-5).all()
+    nats = 0.5 * ((a**2 + delta**2 / 12) / v + math.log(2 * math.pi * v)).sum(1) - dim * math.log(delta)
+    want = nats / (dim * math.log(2))
+    se = ((a**2 * delta**2 / 3 + delta**4 / 180) / (4 * v**2)).sum(1).sqrt() / math.sqrt(draws) / (dim * math.log(2))
+    assert ((got - want).abs() < 4 * se + 1e-6).all()
     # The bound sits just above the exact discrete -log2 P(k) / D of the cells x_k +- delta / 2 (Jensen's gap).
     cell = norm.cdf((a + delta / 2) / math.sqrt(v)) - norm.cdf((a - delta / 2) / math.sqrt(v))
-    discrete = -torch.log2(torch.as_tensor(cell)).sum(1) / 4
+    discrete = -torch.log2(torch.as_tensor(cell)).sum(1) / dim
     assert ((want - discrete) > 0).all() and ((want - discrete) < 1e-2).all()
 
 
