@@ -68,10 +68,10 @@ def log_likelihood(denoiser: Denoiser, x: Tensor, *, sigma_min: float, sigma_max
     sigma_min to sigma_max, where the prior N(0, sigma_max^2 I) stands for p_{sigma_max}: that is accurate when
     sigma_max is large against the data's mean and spread (for data of mean m and per-dimension variance v the
     error is about |m| / sigma_max + sqrt(d) v / sigma_max^2 nats); `prior` replaces it with any log-density at
-    sigma_max. divergence="exact" costs d vector-Jacobian
-    products per step (small d); "hutchinson" costs `probes` of them, with Rademacher probes drawn once from
-    `generator` and reused along the solve; its estimate of log p is unbiased, its standard deviation falls as
-    1 / sqrt(probes). rtol and atol go to torchdiffeq's dopri5.
+    sigma_max. divergence="exact" costs d vector-Jacobian products per denoiser call (for small d); "hutchinson"
+    costs `probes` of them, with Rademacher probes drawn once from `generator` and reused along the solve; its
+    estimate of log p is unbiased, its standard deviation falls as 1 / sqrt(probes). rtol and atol go to
+    torchdiffeq's dopri5.
 
     Any Precond model is a denoiser, whatever its path. A conditional model is passed as a closure that binds the
     condition, e.g. `lambda x, sigma: model(x, sigma, labels)` with labels (B,): the batch size never changes
