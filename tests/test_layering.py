@@ -7,13 +7,14 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "diffkit"
 
 # Rank of each top-level unit; a module may import units of strictly lower rank (and its own package).
-# analytic sits above samplers: its exact flow is the rk45 sampler at a tight tolerance.
+# analytic sits above samplers: its exact flow is the rk45 sampler at a tight tolerance. likelihood sits beside
+# it: it calls denoisers through samplers.base, and only its tests use analytic.
 RANK = {
     "_tensor": 0, "contracts": 0, "nets": 0, "data": 0,
     "paths": 1,
     "grids": 2, "precond": 2, "method": 2,
     "objectives": 3, "samplers": 3,
-    "analytic": 4, "onestep": 4, "codecs": 4, "flows": 4,
+    "analytic": 4, "likelihood": 4, "onestep": 4, "codecs": 4, "flows": 4,
     "train": 5, "eval": 5, "registry": 5,
     # The jobs the CLI runs, each above what it uses.
     "config": 6, "report": 6, "generate": 7, "run": 8, "demo": 9,
