@@ -125,7 +125,8 @@ class Block(nn.Module):
         """(B, 1, width) class embedding (cond None: the null class), or None for an unconditional flow."""
         if self.labels is None:
             if cond is not None:
-                raise ValueError("this flow is unconditional (num_classes=0): pass cond=None, or build it with num_classes")
+                raise ValueError("this flow is unconditional (num_classes=0): pass cond=None, "
+                                 "or build it with num_classes")
             return None
         return self.labels(cond, batch)[:, None]
 

@@ -126,8 +126,9 @@ def test_tweedie_step_on_the_identity_flow_is_the_gaussian_posterior_mean():
     net = TarFlow((2, 4, 4), patch_size=2, width=32, blocks=2, layers=1, heads=2).double()
     x, sigma = data(net), 0.3
     assert (log_prob(net, x) + 0.5 * (x.flatten(1) ** 2).sum(1) + 16 * math.log(2 * math.pi)).abs().max() < 1e-12
-    torch.testing.assert_close(tweedie_denoise(net, x, sigma=sigma), x * (1 - sigma**2), rtol=0, atol=1e-14)
-    torch.testing.assert_close(tarflow_sample(Flow(net), x, denoise_sigma=sigma), x * (1 - sigma**2), rtol=0, atol=1e-14)
+    posterior_mean = x * (1 - sigma**2)
+    torch.testing.assert_close(tweedie_denoise(net, x, sigma=sigma), posterior_mean, rtol=0, atol=1e-14)
+    torch.testing.assert_close(tarflow_sample(Flow(net), x, denoise_sigma=sigma), posterior_mean, rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("noise", ["gaussian", "uniform"])
