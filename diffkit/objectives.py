@@ -27,6 +27,18 @@ from diffkit.precond import Precond, from_x0_eps
 WEIGHTINGS = ("uniform", "edm", "min_snr")
 
 
+def drop_labels(cond: Tensor | None, p: float, null: Tensor | int | None, *,
+                generator: torch.Generator | None = None) -> Tensor | None:
+    """cond (B, ...) with each row replaced by `null` with probability p, drawn from `generator` on its own
+    device: label dropout, which trains the unconditional model beside the conditional one for classifier-free
+    guidance (Ho & Salimans 2022, Alg. 1). No draw when cond is None or p = 0."""
+    if cond is None or p == 0:
+        return cond
+    device = generator.device if generator is not None else torch.device("cpu")
+    drop = (torch.rand(cond.shape[0], generator=generator, device=device) < p).to(cond.device)
+    return torch.where(per_sample(drop, cond).bool(), torch.as_tensor(null, dtype=cond.dtype, device=cond.device), cond)
+
+
 class Denoising:
     """loss(model, x0, cond, generator) -> (B,) per-sample loss for a Precond-wrapped network.
 
@@ -70,9 +82,7 @@ class Denoising:
         # All randomness comes from `generator` on its own device, so a seed fixes the batch's draws.
         t = self.density.sample(self.path, b, generator).to(x0.device)
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=device).to(x0.device)
-        if cond is not None and self.label_dropout > 0:
-            drop = (torch.rand(b, generator=generator, device=device) < self.label_dropout).to(cond.device)
-            cond = torch.where(per_sample(drop, cond).bool(), torch.as_tensor(self.null, dtype=cond.dtype, device=cond.device), cond)
+        cond = drop_labels(cond, self.label_dropout, self.null, generator=generator)
         sigma = self.path.sigma(t)
         f = model.raw(x0 + per_sample(sigma, x0) * eps, sigma, cond)
         err = ((f - self.target(model, x0, eps, t)) ** 2).reshape(b, -1).mean(1)

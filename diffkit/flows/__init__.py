@@ -1,0 +1,1 @@
+"""Normalizing flows: exact-likelihood models trained by maximum likelihood (TARFLOW)."""
