@@ -16,6 +16,36 @@ TOYS = ("checkerboard", "moons", "8gaussians", "spirals", "swissroll")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+def dequantize(x: Tensor, *, levels: int, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform dequantization of integer data as this module scales it, x_k = delta k - 1 with delta = 2 / (L - 1)
+    (L = `levels`: the digits' 17, 8-bit images' 256): x_k + delta w, w ~ U[-1/2, 1/2)^D drawn from `generator`.
+
+    Integer vector k owns the cell x_k + delta [-1/2, 1/2)^D, so a density fitted to dequantized data bounds the
+    probability of k from below (Theis et al. 2016, "A note on the evaluation of generative models");
+    `dequantized_bits` turns its log-density into bits per dimension of the integers. x off the grid is an error.
+    """
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"levels must be an integer >= 2 (17 for the digits, 256 for 8-bit images), got {levels!r}")
+    delta = 2 / (levels - 1)
+    k = (x.detach() + 1) / delta
+    if ((k - k.round()).abs() > 1e-3).any() or (k.round() < 0).any() or (k.round() > levels - 1).any():
+        raise ValueError(f"x is not on the grid of {levels} levels x = 2 k / {levels - 1} - 1, k = 0..{levels - 1}: "
+                         "pass the data as diffkit.data scales it, with its number of levels")
+    device = x.device if generator is None else generator.device
+    w = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device) - 0.5
+    return k.round() * delta - 1 + delta * w
+
+
+def dequantized_bits(log_p: Tensor, *, dims: int, levels: int) -> Tensor:
+    """Bits per dimension of integer data from the log-density log_p (nats, (B,)) of its dequantized version.
+
+    With y = (x + 1) / delta the data in units of the integer grid, log q(y) = log p(x) + D log delta, so
+    bits/dim = -(log p + D log delta) / (D ln 2) = -log p / (D ln 2) + log2((L - 1) / 2). (Papers that scale by
+    2 / L instead add log2(L / 2): 7 for 8-bit data where this adds 6.994.)
+    """
+    return -log_p / (dims * math.log(2)) + math.log2((levels - 1) / 2)
+
+
 def toy(name: str, n: int, generator: torch.Generator | None = None) -> Tensor:
     """n points (n, 2) float32 from a built-in 2-D distribution, roughly within [-4, 4]^2."""
     g = generator

@@ -30,6 +30,7 @@ import torchdiffeq
 from torch import Tensor
 
 from diffkit.contracts import Denoiser
+from diffkit.data import dequantize, dequantized_bits
 from diffkit.samplers.base import denoise
 
 Prior = Callable[[Tensor], Tensor]
@@ -142,22 +143,11 @@ def bits_per_dim(denoiser: Denoiser, x: Tensor, *, levels: int, sigma_min: float
     both are bounds on the same kind of quantity, for the bins each places.) The cells reach delta / 2 beyond
     [-1, 1]. Noise draws and Hutchinson probes come from `generator`; the other options go to `log_likelihood`.
     """
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise ValueError(f"levels must be an integer >= 2 (17 for the digits, 256 for 8-bit images), got {levels!r}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
-    delta = 2 / (levels - 1)
-    k = (x.detach() + 1) / delta
-    if ((k - k.round()).abs() > 1e-3).any() or (k.round() < 0).any() or (k.round() > levels - 1).any():
-        raise ValueError(f"x is not on the grid of {levels} levels x = 2 k / {levels - 1} - 1, k = 0..{levels - 1}: "
-                         "pass the data as diffkit.data scales it, with its number of levels")
-    x_k = k.round() * delta - 1
-    device = x.device if generator is None else generator.device
     log_p = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for _ in range(draws):  # one batch per draw, so a closure binding per-sample conditions still fits
-        w = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device) - 0.5
-        log_p = log_p + log_likelihood(denoiser, x_k + delta * w, sigma_min=sigma_min, sigma_max=sigma_max,
-                                       divergence=divergence, probes=probes, generator=generator, rtol=rtol,
-                                       atol=atol, prior=prior)
-    d = x[0].numel()
-    return -(log_p / draws + d * math.log(delta)) / (d * math.log(2))
+        log_p = log_p + log_likelihood(denoiser, dequantize(x, levels=levels, generator=generator),
+                                       sigma_min=sigma_min, sigma_max=sigma_max, divergence=divergence,
+                                       probes=probes, generator=generator, rtol=rtol, atol=atol, prior=prior)
+    return dequantized_bits(log_p / draws, dims=x[0].numel(), levels=levels)

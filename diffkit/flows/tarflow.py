@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffkit._tensor import per_sample
+from diffkit.data import dequantize
 from diffkit.nets.embed import LabelEmbedding
 from diffkit.objectives import drop_labels
 
@@ -275,34 +276,31 @@ class TarFlowNLL:
     """loss(model, x0, cond, generator) -> (B,) negative log-likelihood per dimension for a Flow (Eq. 6 over D).
 
     loss = 0.5 mean(z^2) - log|det| / D on the augmented sample, z, log|det| = model.net(x, cond), D values per
-    sample. The exact NLL per dimension in nats is loss + 0.5 log(2 pi); for 8-bit data, uniformly dequantised,
-    bits/dim = (loss + 0.5 log(2 pi) + log(bins / 2)) / log 2 (the bin width in [-1, 1] is 2 / bins).
+    sample. The exact NLL per dimension in nats is loss + 0.5 log(2 pi).
     noise "gaussian": x = x0 + sigma eps, eps ~ N(0, I) (the paper's noise augmentation; sigma = 0 trains on x0).
-    noise "uniform": x0 in [-1, 1] from integers k in [0, bins - 1] as k / ((bins - 1) / 2) - 1, becomes
-      x = (k + u) / (bins / 2) - 1, u ~ U[0, 1)^D (dequantisation, the reference code's bits/dim models).
+    noise "uniform": x0 holds integer data of `levels` levels as diffkit.data scales it; x is its uniform
+      dequantization (diffkit.data.dequantize), for bits/dim models: bits/dim = data.dequantized_bits(-D (loss +
+      0.5 log(2 pi)), dims=D, levels=levels).
     label_dropout, null: conditions replaced by `null` with this probability, for classifier-free guidance.
     All draws come from `generator` on its own device.
     """
 
-    def __init__(self, *, noise: str = "gaussian", sigma: float = 0.05, bins: int = 256, label_dropout: float = 0.0,
+    def __init__(self, *, noise: str = "gaussian", sigma: float = 0.05, levels: int = 256, label_dropout: float = 0.0,
                  null: Tensor | int | None = None):
         if noise not in NOISES:
             raise ValueError(f"unknown noise {noise!r}; expected one of {NOISES}")
-        if sigma < 0 or bins < 2:
-            raise ValueError(f"need sigma >= 0 and bins >= 2, got sigma={sigma}, bins={bins}")
+        if sigma < 0 or levels < 2:
+            raise ValueError(f"need sigma >= 0 and levels >= 2, got sigma={sigma}, levels={levels}")
         if not 0 <= label_dropout <= 1 or (label_dropout > 0 and null is None):
             raise ValueError("label_dropout must be in [0, 1], and needs a `null` condition when > 0")
-        self.noise, self.sigma, self.bins, self.label_dropout, self.null = noise, sigma, bins, label_dropout, null
+        self.noise, self.sigma, self.levels, self.label_dropout, self.null = noise, sigma, levels, label_dropout, null
 
     def augment(self, x0: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """The training sample: x0 + sigma eps, or x0 dequantised (class docstring)."""
+        if self.noise == "uniform":
+            return dequantize(x0, levels=self.levels, generator=generator)
         device = generator.device if generator is not None else torch.device("cpu")
-        draw = torch.randn if self.noise == "gaussian" else torch.rand
-        noise = draw(x0.shape, generator=generator, dtype=x0.dtype, device=device).to(x0.device)
-        if self.noise == "gaussian":
-            return x0 + self.sigma * noise
-        k = torch.round((x0 + 1) * (self.bins - 1) / 2)
-        return (k + noise) / (self.bins / 2) - 1
+        return x0 + self.sigma * torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=device).to(x0.device)
 
     def __call__(self, model: Flow, x0: Tensor, cond: Tensor | None = None, *,
                  generator: torch.Generator | None = None) -> Tensor:

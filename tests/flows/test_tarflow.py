@@ -141,9 +141,9 @@ def test_objective_is_the_nll_per_dimension_of_the_augmented_sample(noise):
     g = gen(3)
     if noise == "gaussian":
         x = x0 + 0.1 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    else:  # the dequantised value lies in its integer's bin of width 2 / 256
-        x = (k + torch.rand(x0.shape, generator=g, dtype=torch.float64)) / 128 - 1
-        assert torch.equal(torch.floor((x + 1) * 128).long(), k)
+    else:  # the dequantised value lies in its integer's cell of width 2 / 255 around it
+        x = x0 + (torch.rand(x0.shape, generator=g, dtype=torch.float64) - 0.5) / 127.5
+        assert torch.equal(torch.round((x + 1) * 127.5).long(), k)
     # Eq. 6 is -log p / D without the Gaussian's constant 0.5 log(2 pi).
     torch.testing.assert_close(loss, -model.log_prob(x, labels()) / 32 - 0.5 * math.log(2 * math.pi))
 
