@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +38,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    net: str = "mlp"  # mlp | unet | dit
+    net: str = "mlp"  # mlp | unet | dit (denoiser backbones) | tarflow (a flow)
     args: dict = field(default_factory=lambda: {"width": 256, "depth": 4})
     path: str = "edm"  # vp_linear | vp_cosine | ve | edm | rectified_flow
     shift: float = 1.0  # log-SNR shift scale (Shifted path) when != 1
@@ -187,41 +188,41 @@ def sample_shape(cfg: Config, x: torch.Tensor) -> tuple[int, ...]:
     return tuple(x.shape[2:] if cfg.data.couples is not None else x.shape[1:])
 
 
-def _net_class(name: str):
-    if name == "mlp":
-        from diffkit.nets.mlp import MLP
-        return MLP
-    if name == "unet":
-        from diffkit.nets.unet import UNet
-        return UNet
-    if name == "dit":
-        from diffkit.nets.dit import DiT
-        return DiT
-    raise ValueError(f"unknown model.net {name!r}; choose mlp, unet or dit")
+def _nets() -> dict[str, tuple[type, Callable[[tuple[int, ...]], dict]]]:
+    """model.net -> (network class, its data-shape arguments for a sample of a given shape)."""
+    from diffkit.flows.tarflow import TarFlow
+    from diffkit.nets.dit import DiT
+    from diffkit.nets.mlp import MLP
+    from diffkit.nets.unet import UNet
+
+    image = lambda shape: {"in_channels": shape[0], "image_size": shape[-1]}  # noqa: E731
+    return {"mlp": (MLP, lambda shape: {"dim": math.prod(shape)}), "unet": (UNet, image), "dit": (DiT, image),
+            "tarflow": (TarFlow, lambda shape: {"data_shape": shape})}
 
 
 def num_classes(cfg: Config, labels: torch.Tensor | None) -> int:
     return int(labels.max()) + 1 if labels is not None else 0
 
 
-def model(cfg: Config, sample_shape: tuple[int, ...], n_classes: int) -> Precond:
-    """The Precond-wrapped network for data of per-sample shape `sample_shape` (as the run's method needs it)."""
+def model(cfg: Config, sample_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    """The run's model for data of per-sample shape `sample_shape`: its network, as the run's method wraps it
+    (a Precond denoiser; a shortcut net also takes d; a flow)."""
     m, method = cfg.model, registry.get(cfg.objective.name)
     if m.path not in PATHS:
         raise ValueError(f"unknown model.path {m.path!r}; choose one of {', '.join(PATHS)}")
+    nets = _nets()
+    if m.net not in nets:
+        raise ValueError(f"unknown model.net {m.net!r}; choose {', '.join(nets)}")
     method.check(cfg)
-    cls = _net_class(m.net)
+    cls, shape_args = nets[m.net]
+    data_args = shape_args(tuple(sample_shape))
+    fixed = (*data_args, "num_classes", "extra_scalars")
     params = inspect.signature(cls).parameters
-    fixed = ("dim", "in_channels", "image_size", "num_classes", "extra_scalars")
     for key in m.args:
         if key not in params or key in fixed:
             raise _unknown(key, [p for p in params if p not in fixed], f"model.args of {m.net}")
     extra = {"extra_scalars": method.extra_scalars} if method.extra_scalars else {}
-    if m.net == "mlp":
-        net = cls(int(torch.tensor(sample_shape).prod()), num_classes=n_classes, **extra, **m.args)
-    else:
-        net = cls(in_channels=sample_shape[0], image_size=sample_shape[-1], num_classes=n_classes, **extra, **m.args)
-    return Precond(net, path(cfg), m.prediction, sigma_data=m.sigma_data)
+    return method.wrap(cls(**data_args, num_classes=n_classes, **extra, **m.args), cfg, path(cfg))
 
 
 def trainable(cfg: Config, denoiser: Precond) -> nn.Module:

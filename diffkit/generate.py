@@ -46,8 +46,8 @@ def sample(model: Precond, cfg: Config, shape: tuple[int, ...], n: int, *, sampl
     if label is not None and not 0 <= label < n_classes:
         raise ValueError(f"--label must be in [0, {n_classes - 1}] for this model" if n_classes else
                          "this model was trained without labels: --label and --guidance need a conditional model")
-    draw = None if method.sampler is None else method.draw(model, cfg, steps=steps, guidance=guidance, label=label,
-                                                            n_classes=n_classes)
+    draw = method.draw(model, cfg, sampler=name, steps=steps, guidance=guidance, label=label,
+                       n_classes=n_classes) if method.samplers else None
     device = next(model.parameters()).device
     out, nfe, compiled = [], 0, {}  # one FastDenoiser per batch size: each compiles once
     for start in tqdm(range(0, n, batch), desc=f"sampling {name}", disable=not progress):

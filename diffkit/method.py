@@ -5,7 +5,9 @@ A method (denoising, shortcut models, ReFlow, SiD; flows, tokenizers and codecs 
     its objective      built from the run's config; `objective.args` are checked against its signature
     its model          what the loop trains: the Precond denoiser itself, or e.g. SiD's generator/fake pair
     what it needs      the path and prediction it trains (`trains_flow`), extra scalar inputs of its net
-    how it samples     any sigma-grid sampler (`sampler = None`), or its own (`sampler` names it, `draw` runs it)
+    its network        a denoiser backbone wrapped in Precond (`wrap`), or e.g. a flow (`nets` names those it takes)
+    how it samples     any sigma-grid sampler (`samplers = ()`), or its own (`samplers` names them, `draw` runs them)
+    its likelihood     by the probability-flow ODE (diffkit.likelihood), exact (`log_prob`, flows), or none
     how it is derived  optionally a command that makes a new run of it from a trained one (`command`)
 
 Each method subclasses `Method` next to its algorithm (objectives.py, onestep/*.py) and is listed once in
@@ -24,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+from diffkit.precond import Precond
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,10 @@ class Method:
     objective_class: type | None = None  # objective.args are checked against its keyword arguments
     own_args: tuple[str, ...] = ()  # its keyword arguments the jobs fill in themselves (not objective.args)
     trains_flow = False  # needs model.path=rectified_flow, model.prediction=velocity, model.shift=1
+    nets: tuple[str, ...] = ("mlp", "unet", "dit")  # the model.net values it trains (denoiser backbones)
     extra_scalars = 0  # scalar inputs its net takes besides c_noise (a shortcut model's step size)
-    sampler: str | None = None  # its own sampler's name; None: the sigma-grid samplers of diffkit.samplers
+    samplers: tuple[str, ...] = ()  # its own samplers, the first the default; (): diffkit.samplers' grid samplers
+    likelihood: str | None = "ode"  # "ode" (its Precond's PF-ODE), "exact" (`log_prob`) or None (none defined)
     command: str | None = None  # `diffkit <command> RUN --out NEW`: a new run of this method from a trained one
     command_help = ""
     options: tuple[Option, ...] = ()
@@ -68,6 +74,8 @@ class Method:
     def check(self, cfg) -> None:
         """Refuse a config this method cannot train or sample, before anything is built or written."""
         m = cfg.model
+        if m.net not in self.nets:
+            raise ValueError(f"objective.name={self.name} trains model.net {' or '.join(self.nets)}, not {m.net!r}")
         if self.trains_flow and (m.path != "rectified_flow" or m.prediction != "velocity" or m.shift != 1):
             raise ValueError(f"objective.name={self.name} trains a flow: set model.path=rectified_flow, "
                              f"model.prediction=velocity, model.shift=1 (got {m.path}, {m.prediction}, {m.shift})")
@@ -85,6 +93,10 @@ class Method:
         """The training objective: loss(model, x0, cond, *, generator, ...) -> (B,) per-sample losses."""
         raise NotImplementedError
 
+    def wrap(self, net: nn.Module, cfg, path) -> nn.Module:
+        """The run's model around its network: a Precond denoiser on the config's path and prediction."""
+        return Precond(net, path, cfg.model.prediction, sigma_data=cfg.model.sigma_data)
+
     def trainable(self, denoiser: nn.Module) -> nn.Module:
         """What the loop trains, built around the run's Precond denoiser."""
         return denoiser
@@ -96,17 +108,21 @@ class Method:
     # --- sampling -----------------------------------------------------------------------------------------
     def sampler_name(self, requested: str | None, default: str) -> str:
         """The sampler a run of this method uses when `requested` (None: the config's `default`) is asked for."""
-        if self.sampler is None:
+        if not self.samplers:
             return requested or default
-        if requested not in (None, self.sampler):
-            raise ValueError(f"a {self.name} model samples with its own sampler ({self.sampler}, --steps 1/2/4/...), "
-                             f"not {requested!r}")
-        return self.sampler
+        if requested not in (None, *self.samplers):
+            raise ValueError(f"a {self.name} model samples with its own sampler ({', '.join(self.samplers)}, "
+                             f"--steps 1/2/4/...), not {requested!r}")
+        return requested or self.samplers[0]
 
-    def draw(self, model: nn.Module, cfg, *, steps: int, guidance: float | None, label: int | None,
+    def draw(self, model: nn.Module, cfg, *, sampler: str, steps: int, guidance: float | None, label: int | None,
              n_classes: int) -> Callable[[Tensor, Any], tuple[Tensor, int]]:
-        """Its own sampler bound to a trained model: draw(z, noise) -> (samples, NFE per sample) from unit noise z
-        (B, *shape) and its NoiseSource. Methods with `sampler` set override this."""
+        """Its own `sampler` bound to a trained model: draw(z, noise) -> (samples, NFE per sample) from unit noise
+        z (B, *shape) and its NoiseSource. Methods with `samplers` override this."""
+        raise NotImplementedError
+
+    def log_prob(self, model: nn.Module, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The exact log-density (B,) of x (B, *shape) for methods with likelihood = "exact"."""
         raise NotImplementedError
 
     # --- deriving a new run from a trained one (methods with a `command`) -----------------------------------

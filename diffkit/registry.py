@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import difflib
 
+from diffkit.flows.tarflow import TarFlowMethod
 from diffkit.method import Method
 from diffkit.objectives import DenoisingMethod
 from diffkit.onestep.reflow import ReflowMethod
 from diffkit.onestep.shortcut import ShortcutMethod
 from diffkit.onestep.sid import SiDMethod
 
-METHODS: dict[str, Method] = {m.name: m for m in (DenoisingMethod(), ShortcutMethod(), ReflowMethod(), SiDMethod())}
+METHODS: dict[str, Method] = {m.name: m for m in (DenoisingMethod(), ShortcutMethod(), ReflowMethod(), SiDMethod(),
+                                                   TarFlowMethod())}
 
 
 def get(name: str) -> Method:

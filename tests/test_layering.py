@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "diffkit"
 RANK = {
     "_tensor": 0, "contracts": 0, "nets": 0, "data": 0,
     "paths": 1,
-    "grids": 2, "precond": 2, "method": 2,
+    "grids": 2, "precond": 2, "method": 2.5,
     "objectives": 3, "samplers": 3,
     "analytic": 4, "likelihood": 4, "onestep": 4, "codecs": 4, "flows": 4,
     "train": 5, "eval": 5, "registry": 5,

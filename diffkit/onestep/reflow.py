@@ -311,7 +311,7 @@ class ReflowMethod(Method):
         trains only at the times of a k-step Euler sampler instead (§2.3)."""
         m = teacher.cfg.model
         flow = (m.path, m.prediction, m.shift) == ("rectified_flow", "velocity", 1)
-        if teacher.method.sampler is not None or not flow:
+        if teacher.method.samplers or not flow:
             raise ValueError(f"reflow needs a rectified-flow teacher (model.path=rectified_flow, model.prediction="
                              f"velocity, trained by denoising or reflow); {teacher.folder} is a "
                              f"{teacher.cfg.objective.name} run with model.path={m.path}, model.prediction="

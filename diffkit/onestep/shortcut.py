@@ -200,7 +200,8 @@ class ShortcutMethod(Method):
     own_args = ("label_dropout", "null")
     trains_flow = True
     extra_scalars = 1
-    sampler = "shortcut"
+    samplers = ("shortcut",)
+    likelihood = None  # its net also takes the step size d; at d_min it is a flow, not wired here
 
     def check(self, cfg) -> None:
         super().check(cfg)
@@ -214,7 +215,7 @@ class ShortcutMethod(Method):
         return Shortcut(label_dropout=label_dropout, null=null, **cfg.objective.args)
 
     def draw(self, model: Precond, cfg, *, steps: int, guidance: float | None, label: int | None,
-             n_classes: int) -> Callable:
+             n_classes: int, sampler: str) -> Callable:
         levels = cfg.objective.args.get("levels", LEVELS)
         guided = guidance is not None and guidance != 1
 

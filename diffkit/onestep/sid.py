@@ -230,7 +230,8 @@ class SiDMethod(Method):
     name = "sid"
     objective_class = SiD
     own_args = ("teacher",)
-    sampler = "sid"
+    samplers = ("sid",)
+    likelihood = None  # a one-step generator has no probability-flow ODE
     command = "distill"
     command_help = "distil a trained run into a one-step generator (SiD, or FGM = SiD at alpha 0.5)"
     options = (Option("method", str, "sid", "sid (alpha 1.2) or fgm (alpha 0.5)"),)
@@ -245,7 +246,7 @@ class SiDMethod(Method):
         return SiDStudent.from_teacher(denoiser)
 
     def draw(self, model: SiDStudent, cfg, *, steps: int, guidance: float | None, label: int | None,
-             n_classes: int) -> Callable:
+             n_classes: int, sampler: str) -> Callable:
         if guidance is not None:
             raise ValueError("a SiD generator is sampled without guidance (bake it into the teacher instead)")
         sigma_init = cfg.objective.args.get("sigma_init", SIGMA_INIT)
