@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--fast", action="store_true",
                        help="run the net compiled, in bf16 and as one CUDA graph per call (for GPUs: the first "
                             "batch compiles, then sampling is several times faster; samples differ at bf16 precision)")
+        if name == "eval":
+            p.add_argument("--likelihood", action="store_true",
+                           help="score the held-out split's bits/dim under the model instead of sampling (flows "
+                                "exactly, denoisers by their probability-flow ODE); --n caps the held-out samples")
         if name == "sample":
             p.add_argument("--guidance", type=float, help="classifier-free guidance w (1 = plain conditional)")
             p.add_argument("--label", type=int, help="class to sample (conditional runs)")
@@ -128,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             from diffkit import run
 
-            result = run.eval_run(args.run, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
-                                  fast=args.fast)
+            if args.likelihood:
+                result = run.likelihood_run(args.run, n=args.n, seed=args.seed)
+            else:
+                result = run.eval_run(args.run, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
+                                      fast=args.fast)
             print(json.dumps(result, indent=2))
             return 0
         if args.command in registry.commands():

@@ -183,6 +183,14 @@ def dataset(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tens
     return x, (y if d.conditional else None)
 
 
+LEVELS = {"digits": 17, "folder": 256, "hf": 256}  # integer levels of each image source (pixel values 0..16, 8-bit)
+
+
+def levels(cfg: Config) -> int | None:
+    """How many integer levels the data's values take (for bits/dim), or None for continuous data (the toys)."""
+    return LEVELS.get(cfg.data.name)
+
+
 def sample_shape(cfg: Config, x: torch.Tensor) -> tuple[int, ...]:
     """The per-sample shape of training data x (couples carry a pair axis first)."""
     return tuple(x.shape[2:] if cfg.data.couples is not None else x.shape[1:])

@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from diffkit import config as configs
-from diffkit import generate, registry, report
+from diffkit import data as datasets
+from diffkit import generate, likelihood, registry, report
 from diffkit.config import Config
 from diffkit.eval import metrics
 from diffkit.method import Method, Trained
@@ -137,6 +139,52 @@ def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, s
     x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, seed=seed, fast=fast, progress=progress)
     result = {"sampler": name, "nfe": nfe, "n": n, "seed": seed, "fast": fast, **evaluate(cfg, x)}
     report.atomic_write(Path(run_dir) / f"eval-{name}-{nfe}nfe.json", json.dumps(result, indent=2))
+    return result
+
+
+def likelihood_run(run_dir: Path, *, n: int | None = None, seed: int = 0, batch: int = 512,
+                   progress: bool = True) -> dict:
+    """Bits per dimension of the held-out split under a run's model; writes likelihood-<n>-seed<seed>.json.
+
+    Flows give their exact log-density; denoisers (denoising, reflow runs, whatever their path) theirs by the
+    probability-flow ODE over their path's sigma range (diffkit.likelihood; exact trace up to 256 dimensions,
+    else Hutchinson with 4 probes). Integer data (digits: 17 levels, images: 256) is dequantized (seeded) and
+    scored as bits per dimension of the integers (diffkit.data.dequantized_bits); continuous data (the toys)
+    as nats per dimension. Conditional models are scored by their unconditional density (the null label).
+    """
+    cfg, model, shape, n_classes = load_run(run_dir)
+    method = registry.get(cfg.objective.name)
+    if method.likelihood is None:
+        raise ValueError(f"{run_dir} is a {cfg.objective.name} run, whose model defines no likelihood; bits/dim is "
+                         "for denoising, reflow and flow runs")
+    held, _ = configs.dataset(cfg, "test")
+    x, levels, device = held[:n], configs.levels(cfg), _device()
+    dims, g = x[0].numel(), torch.Generator().manual_seed(seed)
+    p, s = configs.path(cfg), cfg.sample
+    lo, hi = s.sigma_min or p.sigma_min, s.sigma_max or p.sigma_max
+    divergence = "exact" if dims <= 256 else "hutchinson"
+    log_p = []
+    for start in tqdm(range(0, len(x), batch), desc="likelihood", disable=not progress):
+        xb = x[start:start + batch]
+        xb = (xb if levels is None else datasets.dequantize(xb, levels=levels, generator=g)).to(device)
+        cond = torch.full((len(xb),), n_classes, dtype=torch.long, device=device) if n_classes else None
+        if method.likelihood == "exact":
+            with torch.no_grad():
+                log_p.append(method.log_prob(model, xb, cond).cpu())
+        else:
+            denoiser = model if cond is None else (lambda v, sigma, c=cond: model(v, sigma, c))
+            log_p.append(likelihood.log_likelihood(denoiser, xb, sigma_min=lo, sigma_max=hi, divergence=divergence,
+                                                   probes=4, generator=g).cpu())
+    log_p = torch.cat(log_p).double()
+    result = {"n": len(x), "seed": seed, "how": "exact" if method.likelihood == "exact" else
+              f"probability-flow ODE from sigma {lo:.4g} to {hi:.4g}, {divergence} trace"}
+    if levels is not None:
+        bpd = datasets.dequantized_bits(log_p, dims=dims, levels=levels)
+        result |= {"bits_per_dim": bpd.mean().item(), "bits_per_dim_stderr": (bpd.std() / len(bpd) ** 0.5).item(),
+                   "levels": levels}
+    else:
+        result["nats_per_dim"] = (-log_p / dims).mean().item()
+    report.atomic_write(Path(run_dir) / f"likelihood-{len(x)}-seed{seed}.json", json.dumps(result, indent=2))
     return result
 
 
