@@ -1,4 +1,5 @@
-"""Exact Gaussian-mixture targets for the sampler benchmark (papers/benchmarks.md §1)."""
+"""Exact Gaussian-mixture targets for the sampler benchmark (ARCHITECTURE.md §7.1); diffkit.analytic gives their
+exact denoisers."""
 from __future__ import annotations
 
 import numpy as np

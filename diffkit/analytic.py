@@ -1,7 +1,8 @@
 """Exact denoisers: a Gaussian mixture with full covariances, and a finite dataset (EDM's ideal denoiser).
 
 For data p_0 = sum_k w_k N(mu_k, S_k), the scale-free noised marginal is p_sigma = sum_k w_k N(mu_k, S_k + sigma^2 I)
-and the exact denoiser is the posterior mean (Tweedie; see papers/benchmarks.md §1.2):
+and the exact denoiser is the posterior mean E[x_0 | x] (Tweedie's formula, Efron 2011), per component Gaussian
+conditioning:
 
     r_k(x) ~ w_k N(x; mu_k, S_k + sigma^2 I),   D(x, sigma) = sum_k r_k [mu_k + S_k (S_k + sigma^2 I)^{-1} (x - mu_k)].
 

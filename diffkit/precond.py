@@ -1,22 +1,36 @@
 """Parametrizations: what a network predicts, and how that becomes a denoiser.
 
-Every prediction is an affine function of (x_0, eps) at fixed (x_t, t) on a path x_t = alpha x_0 + beta eps:
+Every prediction is affine in (x_0, eps) at fixed t on a path x_t = alpha x_0 + beta eps,
+pred = p_x0 x_0 + p_eps eps, with one row of coefficients per prediction (`_ROWS`):
 
-    eps        eps
-    x0         x_0
-    v          alpha eps - beta x_0                 (Salimans & Ho 2022, §4)
-    velocity   alpha' x_0 + beta' eps = d x_t / d t (flow matching; eps - x_0 for rectified flow)
-    score      -eps / beta = grad log p_t(x_t)
+    prediction   p_x0      p_eps
+    eps          0         1
+    x0           1         0
+    v            -beta     alpha      (Salimans & Ho 2022, §4: v = alpha eps - beta x_0)
+    velocity     alpha'    beta'      (d x_t / d t, flow matching; eps - x_0 for rectified flow)
+    score        0         -1/beta    (grad log p_t(x_t) = -eps / beta)
 
-so `to_x0_eps` / `from_x0_eps` convert exactly between any two. `Precond` turns a raw network F into a
-denoiser in the scale-free state x = x_t / alpha with one forward (EDM, Karras et al. 2022, Eq. 7):
+With x_t, a prediction forms the linear system
+
+    [x_t ]   [alpha  beta ] [x_0]
+    [pred] = [p_x0   p_eps] [eps],     det = alpha p_eps - beta p_x0,
+
+so `from_x0_eps` is its second row, `to_x0_eps` its inverse, and `convert` between any two predictions is
+exact. `Precond` turns a raw network F into a denoiser in the scale-free state x = x_t / alpha with one
+forward (EDM, Karras et al. 2022, Eq. 7):
 
     D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma), cond)
 
-Each prediction is only a choice of the four scalings. "edm" is EDM's own choice (Table 1, sigma_data);
-the others feed the net the path's x_t and t, the inputs it was trained on.
+For a path prediction the net sees the inputs it was trained on, c_in x = x_t and c_noise = t, and c_skip,
+c_out are the x_0 row of the inverse with the first row divided by alpha (x = x_0 + sigma eps):
+
+    x_0 = (p_eps x - sigma F) / (p_eps - sigma p_x0).
+
+"edm" is EDM's own choice of all four scalings (Table 1, sigma_data).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +40,15 @@ from diffkit.paths import Path
 
 PREDICTIONS = ("eps", "x0", "v", "velocity", "score")
 
-
-def _coefficients(path: Path, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(per_sample(f(t), x) for f in (path.alpha, path.beta, path.d_alpha, path.d_beta))
+# (p_x0, p_eps) of each prediction at time t, the table above. Constant entries stay Python floats, so the
+# eps and x0 rows cost nothing and round nothing.
+_ROWS: dict[str, Callable[[Path, Tensor], tuple[Tensor | float, Tensor | float]]] = {
+    "eps": lambda path, t: (0.0, 1.0),
+    "x0": lambda path, t: (1.0, 0.0),
+    "v": lambda path, t: (-path.beta(t), path.alpha(t)),
+    "velocity": lambda path, t: (path.d_alpha(t), path.d_beta(t)),
+    "score": lambda path, t: (0.0, -1 / path.beta(t)),
+}
 
 
 def _check(kind: str, allowed: tuple[str, ...]) -> None:
@@ -36,35 +56,23 @@ def _check(kind: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"unknown prediction {kind!r}; expected one of {allowed}")
 
 
+def _row(kind: str, path: Path, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    _check(kind, PREDICTIONS)
+    return tuple(per_sample(c, like) for c in _ROWS[kind](path, t))
+
+
 def to_x0_eps(pred: Tensor, kind: str, x_t: Tensor, t: Tensor, path: Path) -> tuple[Tensor, Tensor]:
     """Recover (x_0, eps) from a prediction of `kind` at x_t (B, ...) and t (B,) on `path`."""
-    _check(kind, PREDICTIONS)
-    a, b, da, db = _coefficients(path, t, x_t)
-    if kind == "eps":
-        return (x_t - b * pred) / a, pred
-    if kind == "x0":
-        return pred, (x_t - a * pred) / b
-    if kind == "v":
-        r2 = a**2 + b**2
-        return (a * x_t - b * pred) / r2, (b * x_t + a * pred) / r2
-    if kind == "velocity":
-        det = a * db - b * da
-        return (db * x_t - b * pred) / det, (a * pred - da * x_t) / det
-    eps = -b * pred  # score
-    return (x_t - b * eps) / a, eps
+    p_x0, p_eps = _row(kind, path, t, x_t)
+    alpha, beta = per_sample(path.alpha(t), x_t), per_sample(path.beta(t), x_t)
+    det = alpha * p_eps - beta * p_x0
+    return (p_eps * x_t - beta * pred) / det, (alpha * pred - p_x0 * x_t) / det
 
 
 def from_x0_eps(x0: Tensor, eps: Tensor, kind: str, t: Tensor, path: Path) -> Tensor:
     """The prediction of `kind` that corresponds to (x_0, eps) at time t (B,)."""
-    _check(kind, PREDICTIONS)
-    a, b, da, db = _coefficients(path, t, x0)
-    return {
-        "eps": lambda: eps,
-        "x0": lambda: x0,
-        "v": lambda: a * eps - b * x0,
-        "velocity": lambda: da * x0 + db * eps,
-        "score": lambda: -eps / b,
-    }[kind]()
+    p_x0, p_eps = _row(kind, path, t, x0)
+    return p_x0 * x0 + p_eps * eps
 
 
 def convert(pred: Tensor, src: str, dst: str, x_t: Tensor, t: Tensor, path: Path) -> Tensor:
@@ -94,21 +102,9 @@ class Precond(nn.Module):
             c_in = 1 / torch.sqrt(sigma**2 + sd**2)
             return c_skip, c_out, c_in, torch.log(sigma) / 4
         t = self.path.t(sigma)
-        a, b = self.path.alpha(t), self.path.beta(t)
-        one, zero = torch.ones_like(sigma), torch.zeros_like(sigma)
-        if self.prediction == "eps":  # x_0 = x - sigma eps
-            c_skip, c_out = one, -sigma
-        elif self.prediction == "x0":
-            c_skip, c_out = zero, one
-        elif self.prediction == "v":  # x_0 = (alpha x_t - beta v) / (alpha^2 + beta^2)
-            c_skip, c_out = a**2 / (a**2 + b**2), -b / (a**2 + b**2)
-        elif self.prediction == "velocity":  # x_0 = (beta' x_t - beta u) / (alpha beta' - beta alpha')
-            da, db = self.path.d_alpha(t), self.path.d_beta(t)
-            det = a * db - b * da
-            c_skip, c_out = a * db / det, -b / det
-        else:  # score: x_0 = x + sigma beta grad log p
-            c_skip, c_out = one, sigma * b
-        return c_skip, c_out, a, t
+        p_x0, p_eps = _ROWS[self.prediction](self.path, t)
+        det = p_eps - sigma * p_x0  # of [[1, sigma], [p_x0, p_eps]]: the system in x = x_t / alpha
+        return p_eps / det, -sigma / det, self.path.alpha(t), t
 
     def raw(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, *, extra: Tensor | None = None) -> Tensor:
         """The network's own output F(c_in x, c_noise, cond), what objectives regress.
@@ -116,12 +112,16 @@ class Precond(nn.Module):
         extra: (B, k) further scalars for nets built with extra_scalars = k (a shortcut model's step size).
         """
         _, _, c_in, c_noise = self.scalings(self._sigma(x, sigma))
-        kwargs = {} if extra is None else {"extra": extra}
-        return self.net(per_sample(c_in, x) * x, c_noise.to(x.dtype), cond, **kwargs).to(x.dtype)
+        return self._net(x, c_in, c_noise, cond, extra)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, *, extra: Tensor | None = None) -> Tensor:
-        c_skip, c_out, _, _ = self.scalings(self._sigma(x, sigma))
-        return per_sample(c_skip, x) * x + per_sample(c_out, x) * self.raw(x, sigma, cond, extra=extra)
+        c_skip, c_out, c_in, c_noise = self.scalings(self._sigma(x, sigma))
+        f = self._net(x, c_in, c_noise, cond, extra)
+        return per_sample(c_skip, x) * x + per_sample(c_out, x) * f
+
+    def _net(self, x: Tensor, c_in: Tensor, c_noise: Tensor, cond: Tensor | None, extra: Tensor | None) -> Tensor:
+        kwargs = {} if extra is None else {"extra": extra}
+        return self.net(per_sample(c_in, x) * x, c_noise.to(x.dtype), cond, **kwargs).to(x.dtype)
 
     @staticmethod
     def _sigma(x: Tensor, sigma: Tensor) -> Tensor:

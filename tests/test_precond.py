@@ -6,6 +6,7 @@ import torch
 
 from diffkit import analytic, paths
 from diffkit.nets.mlp import MLP
+from diffkit.nets.unet import UNet
 from diffkit.precond import PREDICTIONS, Precond, convert, from_x0_eps, to_x0_eps
 
 from conftest import OracleNet
@@ -112,4 +113,33 @@ def test_a_denoiser_call_is_one_graph_that_reads_nothing_back(path, kind, host_r
             eager = model(x, sigma)
         compiled = torch.compile(model, fullgraph=True, backend="eager")(x, sigma)
     assert reads.calls == []
+    torch.testing.assert_close(compiled, eager)
+
+
+CONDITIONAL_NETS = {
+    "mlp": (lambda: MLP(2, width=16, depth=1, num_classes=3), (3, 2)),
+    "unet": (lambda: UNet(1, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), image_size=8,
+                          num_groups=4, head_channels=8, dropout=0.0, num_classes=3), (3, 1, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("kind", ["eps", "edm"])
+@pytest.mark.parametrize("net", list(CONDITIONAL_NETS))
+def test_a_conditional_denoiser_call_is_one_graph_that_reads_nothing_back(net, kind, host_reads):
+    """The same with class labels bound, one of them the "no label" index: the net checks the labels' shape
+    only, since checking their values would read them back on every call (train.loop checks them once)."""
+    torch._dynamo.reset()
+    build, shape = CONDITIONAL_NETS[net]
+    model = Precond(build(), paths.VPLinear(), kind).eval()
+    labels = torch.tensor([0, 2, 3])
+
+    def denoiser(x, sigma):
+        return model(x, sigma, labels)
+
+    x, sigma = torch.randn(shape), torch.tensor([0.05, 1.0, 20.0])
+    with torch.no_grad():
+        with host_reads() as reads:
+            eager = denoiser(x, sigma)
+        assert reads.calls == []
+        compiled = torch.compile(denoiser, fullgraph=True, backend="eager")(x, sigma)
     torch.testing.assert_close(compiled, eager)

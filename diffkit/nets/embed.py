@@ -25,7 +25,12 @@ class FourierEmbedding(nn.Module):
 
 
 class LabelEmbedding(nn.Module):
-    """One learned vector per class plus one for "no label" (index num_classes), for classifier-free guidance."""
+    """One learned vector per class plus one for "no label" (index num_classes), for classifier-free guidance.
+
+    Only the labels' shape and dtype are checked here: checking their values would read them back to the host on
+    every call (a sync on CUDA, a graph break under torch.compile). Values are checked once where data enters
+    (train.loop) or a label is chosen (generate.sample).
+    """
 
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
@@ -35,8 +40,9 @@ class LabelEmbedding(nn.Module):
     def forward(self, labels: Tensor | None, batch: int) -> Tensor:
         if labels is None:
             labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=self.table.weight.device)
-        if labels.shape != (batch,) or labels.min() < 0 or labels.max() > self.num_classes:
-            raise ValueError(f"labels must be ({batch},) integers in [0, {self.num_classes}] ({self.num_classes} = no label)")
+        if labels.shape != (batch,) or labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels must be ({batch},) integers in [0, {self.num_classes}] ({self.num_classes} = no label), "
+                             f"got {tuple(labels.shape)} {labels.dtype}")
         return self.table(labels)
 
 

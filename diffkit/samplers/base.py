@@ -1,4 +1,4 @@
-"""What every sampler shares: checking its inputs, calling the denoiser at one sigma, the callback."""
+"""What every sampler shares: checking its inputs, calling the denoiser at one sigma, the callback, the last step."""
 from __future__ import annotations
 
 from typing import Callable
@@ -29,6 +29,16 @@ def denoise(denoiser: Denoiser, x: Tensor, sigma: float, callback: Callback | No
     if callback is not None:
         callback(step, x, sigma, x0_hat)
     return x0_hat
+
+
+def final_step(denoiser: Denoiser, x: Tensor, s: list[float], callback: Callback | None = None) -> Tensor:
+    """The last step of a grid s (from `prepare`), from sigma_min = s[-2] to s[-1] = 0: x = D(x, sigma_min).
+
+    It is the limit of the exponential integrators' update as h = log(s/s') -> inf, where a multistep
+    correction (h / h_last) has no limit; stochastic samplers add no noise on it. The callback sees it as
+    step len(s) - 2.
+    """
+    return denoise(denoiser, x, s[-2], callback, len(s) - 2)
 
 
 class NFECounter:

@@ -8,7 +8,8 @@ dx/dlambda = D - x, whose exact solution over one step of length h = lambda_next
 
 Euler and Heun integrate the sigma form; the DPM-Solver++ family and `multistep` integrate (*) with D
 replaced by a polynomial through past denoiser outputs (Lu et al. 2022, "DPM-Solver++", §3-4).
-Every sampler takes the last step to sigma = 0 as x = D(x, sigma_min), the limit of (*) as h -> inf.
+Every sampler takes the last step to sigma = 0 as x = D(x, sigma_min), the limit of (*) as h -> inf
+(`base.final_step` where the update itself has no such limit).
 """
 from __future__ import annotations
 
@@ -20,9 +21,8 @@ import torchdiffeq
 from torch import Tensor
 
 from diffkit.contracts import Denoiser
-from diffkit.samplers.base import Callback, denoise, prepare
+from diffkit.samplers.base import Callback, denoise, final_step, prepare
 from diffkit.samplers.noise import resolve
-from diffkit.samplers.sde import dpmpp_2m_sde
 
 
 def euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, noise=None,
@@ -62,9 +62,28 @@ def heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, noise
 
 def dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, noise=None,
              callback: Callback | None = None) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): the eta = 0 (noise-free) case of `dpmpp_2m_sde`, where
-    x' = (s'/s) x + (1 - s'/s) [(1 + h/(2 h_last)) D - h/(2 h_last) D_last], h = log(s/s')."""
-    return dpmpp_2m_sde(denoiser, x, sigmas, callback=callback, eta=0.0)
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2) in the scale-free state, where alpha = 1.
+
+    With lambda = -log sigma, step i from s to s' has h_i = log(s/s') and r_i = h_{i-1} / h_i, and
+
+        D_i = (1 + 1/(2 r_i)) x0_hat(s) - 1/(2 r_i) x0_hat(s_last),   x' = (s'/s) x - (e^{-h_i} - 1) D_i.
+
+    The first step is first order (D = x0_hat); the last, to sigma = 0, is x = D(x, sigma_min).
+    `dpmpp_2m_sde(eta=0)` is the same update in another arrangement.
+    """
+    s = prepare(x, sigmas)
+    x0_last, h_last = None, None
+    for i in range(len(s) - 2):
+        x0_hat = denoise(denoiser, x, s[i], callback, i)
+        h = math.log(s[i] / s[i + 1])  # lambda(s') - lambda(s), lambda = -log sigma (Alg. 2, line 1)
+        if x0_last is None:  # first step, first order (line 4)
+            d = x0_hat
+        else:  # linear extrapolation of the data prediction to the step's midpoint (lines 7-8)
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * x0_hat - (1 / (2 * r)) * x0_last
+        x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d  # line 9 with alpha = 1
+        x0_last, h_last = x0_hat, h
+    return final_step(denoiser, x, s, callback)
 
 
 def _phi_moments(h: float, k: int) -> np.ndarray:
@@ -99,17 +118,14 @@ def multistep(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, 
         raise ValueError(f"order must be >= 1, got {order}")
     s = prepare(x, sigmas)
     history: list[tuple[float, Tensor]] = []  # (lambda_j, D_j), newest first
-    for i in range(len(s) - 1):
+    for i in range(len(s) - 2):
         x0_hat = denoise(denoiser, x, s[i], callback, i)
-        if s[i + 1] == 0:
-            x = x0_hat
-            continue
         lam = -math.log(s[i])
         history = [(lam, x0_hat)] + history[: order - 1]
         h = math.log(s[i] / s[i + 1])
         weights = _adams_weights([lj - lam for lj, _ in history], h)
         x = (s[i + 1] / s[i]) * x + sum(w * d for w, (_, d) in zip(weights, history))
-    return x
+    return final_step(denoiser, x, s, callback)
 
 
 def dpmpp_3m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, noise=None,
@@ -134,4 +150,4 @@ def rk45(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, noise
     if s_end < s[0]:
         u = torch.tensor([math.log(s[0]), math.log(s_end)], dtype=torch.float64)
         x = torchdiffeq.odeint(field, x, u, rtol=rtol, atol=atol, method=method)[-1]
-    return denoise(denoiser, x, s_end, callback)
+    return final_step(denoiser, x, s, callback)

@@ -10,7 +10,7 @@ import math
 from torch import Tensor
 
 from diffkit.contracts import Denoiser
-from diffkit.samplers.base import Callback, denoise, prepare
+from diffkit.samplers.base import Callback, denoise, final_step, prepare
 from diffkit.samplers.noise import resolve
 
 
@@ -52,14 +52,11 @@ def euler_maruyama(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=N
     """
     s = prepare(x, sigmas)
     source = resolve(noise, generator)
-    for i in range(len(s) - 1):
+    for i in range(len(s) - 2):
         x0_hat = denoise(denoiser, x, s[i], callback, i)
-        if s[i + 1] == 0:
-            x = x0_hat
-            continue
         x = x + (1 - (s[i + 1] / s[i]) ** 2) * (x0_hat - x)
         x = x + math.sqrt(s[i] ** 2 - s[i + 1] ** 2) * source(i, x, x0_hat)
-    return x
+    return final_step(denoiser, x, s, callback)
 
 
 def dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, noise=None,
@@ -72,11 +69,8 @@ def dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=Non
     s = prepare(x, sigmas)
     source = resolve(noise, generator) if eta > 0 else None
     old, h_last = None, None
-    for i in range(len(s) - 1):
+    for i in range(len(s) - 2):
         x0_hat = denoise(denoiser, x, s[i], callback, i)
-        if s[i + 1] == 0:
-            x = x0_hat
-            continue
         h = math.log(s[i] / s[i + 1])
         phi = -math.expm1(-(1 + eta) * h)
         x = (s[i + 1] / s[i]) * math.exp(-eta * h) * x + phi * x0_hat
@@ -85,4 +79,4 @@ def dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=Non
         if eta > 0:
             x = x + s[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * source(i, x, x0_hat)
         old, h_last = x0_hat, h
-    return x
+    return final_step(denoiser, x, s, callback)

@@ -80,9 +80,29 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def _check_labels(labels: Tensor | None, n: int, model: nn.Module) -> None:
+    """Labels are checked once here, where the data enters: a net checks only their shape, since checking their
+    values inside its forward would read them back to the host on every call."""
+    if labels is None:
+        return
+    if labels.shape != (n,) or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be a ({n},) integer tensor, one class per sample of x; "
+                         f"got {tuple(labels.shape)} {labels.dtype}")
+    low, high = (int(v) for v in labels.aminmax())
+    # A label table (nets.embed.LabelEmbedding) states the classes it was built for as `num_classes`; the loop
+    # imports no net code, so it asks every module for that attribute.
+    built_for = [m.num_classes for m in model.modules() if isinstance(getattr(m, "num_classes", None), int)]
+    if built_for and not 0 <= low <= high < min(built_for):
+        raise ValueError(f"labels must be in [0, {min(built_for)}) for a net built with num_classes={min(built_for)}; "
+                         f"got labels in [{low}, {high}]. Build the net with num_classes = the number of classes")
+    if low < 0:
+        raise ValueError(f"labels must be non-negative class indices; got a minimum of {low}")
+
+
 def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | None, settings: TrainSettings,
           run_dir: Path, *, config: dict | None = None, progress: bool = True) -> EMA:
     """Train `model` (a Precond) on (x, labels) and return its EMA; resumes from run_dir's latest checkpoint."""
+    _check_labels(labels, len(x), model)
     run_dir = Path(run_dir)
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -53,8 +53,9 @@ def test_labels_change_the_output_and_are_checked():
     x, c = torch.randn(3, 1, 8, 8), torch.rand(3)
     assert not torch.allclose(net(x, c, torch.tensor([0, 1, 2])), net(x, c, None))
     assert torch.equal(net(x, c, torch.full((3,), 10)), net(x, c, None))  # index num_classes = no label
-    with pytest.raises(ValueError, match=r"integers in \[0, 10\]"):
-        net(x, c, torch.tensor([-1, 1, 2]))
+    for bad in (torch.tensor([0.0, 1.0, 2.0]), torch.tensor([[0], [1], [2]])):  # values: checked by train.loop
+        with pytest.raises(ValueError, match=r"\(3,\) integers in \[0, 10\]"):
+            net(x, c, bad)
     with pytest.raises(ValueError, match="unconditional"):
         DiT(8, 1, **TINY)(x, c, torch.tensor([0, 1, 2]))
 

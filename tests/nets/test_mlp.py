@@ -25,5 +25,6 @@ def test_labels_change_the_output_and_are_checked():
     net = MLP(4, width=32, depth=1, num_classes=5)
     x, c = torch.randn(3, 4), torch.rand(3)
     assert not torch.allclose(net(x, c, torch.tensor([0, 1, 2])), net(x, c, None))
-    with pytest.raises(ValueError, match=r"integers in \[0, 5\]"):
-        net(x, c, torch.tensor([0, 1, 7]))
+    for bad in (torch.tensor([0.0, 1.0, 2.0]), torch.tensor([[0], [1], [2]])):  # values: checked by train.loop
+        with pytest.raises(ValueError, match=r"\(3,\) integers in \[0, 5\]"):
+            net(x, c, bad)

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from diffkit import analytic
+from diffkit import analytic, paths
+from diffkit.nets.mlp import MLP
+from diffkit.precond import Precond
 from diffkit.samplers.guidance import ClassifierFree, ClassifierGuided
 
 
@@ -67,3 +69,21 @@ def test_bad_conditions():
     cfg = ClassifierFree(by_label, torch.ones(4), torch.zeros(4), w=2.0)
     with pytest.raises(ValueError, match="does not match 4 conditions"):
         cfg(torch.zeros(5, 2), torch.ones(5))
+
+
+def test_guided_conditional_model_is_one_graph_that_reads_nothing_back(host_reads):
+    """Guidance keeps a denoiser call free of reads back to the host: classifier-free guidance over a conditional
+    Precond compiles as one graph, and classifier guidance (its gradient taken eagerly) reads nothing either."""
+    torch._dynamo.reset()
+    model = Precond(MLP(2, width=16, depth=1, num_classes=3), paths.VPLinear(), "eps").eval()
+    labels = torch.tensor([0, 1, 2])
+    cfg = ClassifierFree(model, cond=labels, null=torch.full((3,), 3), w=2.5)
+    guided = ClassifierGuided(lambda x, s: model(x, s, labels), lambda x, s: -(x**2).sum(1) / (1 + s**2), 2.0)
+    x, sigma = torch.randn(3, 2), torch.tensor([0.05, 1.0, 20.0])
+    with torch.no_grad():
+        with host_reads() as reads:
+            eager = cfg(x, sigma)
+            guided(x, sigma)
+        assert reads.calls == []
+        compiled = torch.compile(cfg.__call__, fullgraph=True, backend="eager")(x, sigma)
+    torch.testing.assert_close(compiled, eager)

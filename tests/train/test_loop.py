@@ -131,6 +131,33 @@ def test_bad_batch_split(tmp_path):
         train(tiny_model(), Flaky(lambda c: False), torch.randn(32, 2), None, TrainSettings(batch=10, micro_batch=4), tmp_path)
 
 
+@pytest.mark.parametrize("labels,message", [
+    (torch.tensor([0, 1, 2, 3]), r"in \[0, 3\) for a net built with num_classes=3; got labels in \[0, 3\]"),
+    (torch.tensor([-1, 0, 1, 2]), r"in \[0, 3\) .* got labels in \[-1, 2\]"),
+    (torch.tensor([0.0, 1.0, 2.0, 2.0]), r"\(4,\) integer tensor"),
+    (torch.tensor([[0], [1], [2], [2]]), r"\(4,\) integer tensor"),
+    (torch.tensor([0, 1, 2]), r"\(4,\) integer tensor, one class per sample"),
+])
+def test_labels_are_checked_once_before_training(tmp_path, labels, message):
+    model = Precond(MLP(2, width=16, depth=1, num_classes=3), paths.EDM(), "edm")
+    with pytest.raises(ValueError, match=message):
+        train(model, Denoising(paths.EDM()), torch.randn(4, 2), labels, TrainSettings(batch=4), tmp_path, progress=False)
+    assert not tmp_path.joinpath("metrics.jsonl").exists()  # refused before the first step
+
+
+def test_labels_for_a_net_without_a_label_table_must_be_non_negative(tmp_path):
+    with pytest.raises(ValueError, match="non-negative class indices; got a minimum of -2"):
+        train(tiny_model(), Flaky(lambda c: False), torch.randn(4, 2), torch.tensor([0, -2, 1, 1]),
+              TrainSettings(batch=4), tmp_path, progress=False)
+
+
+def test_conditional_training_accepts_every_class(tmp_path):
+    model = Precond(MLP(2, width=16, depth=1, num_classes=3), paths.EDM(), "edm")
+    settings = TrainSettings(steps=2, batch=4, warmup=1, checkpoint_every=2, log_every=2)
+    train(model, Denoising(paths.EDM()), torch.randn(4, 2), torch.tensor([0, 1, 2, 2]), settings, tmp_path, progress=False)
+    assert checkpoint.load(checkpoint.latest(tmp_path)).step == 2
+
+
 class Recording:
     """A plain regression objective that records the weights each training step starts from."""
 
