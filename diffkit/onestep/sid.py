@@ -2,7 +2,7 @@
 
 Zhou, Zheng, Wang, Yin & Huang, "Score identity Distillation: Exponentially Fast Distillation of Pretrained
 Diffusion Models for One-Step Generation", ICML 2024 (arXiv 2404.04057), §4 and Algorithm 1; the constants
-are the reference code's (mingyuanzhou/SiD, `training/sid_loss.py`, `run_sid.sh`; papers/methods.md §9).
+are the reference code's (mingyuanzhou/SiD, `training/sid_loss.py`, `run_sid.sh`).
 
 Three denoisers work in the scale-free state x = x_0 + sigma eps: the frozen teacher f_phi (any diffkit
 denoiser: a trained Precond, or an exact analytic.GaussianMixture), a fake denoiser f_psi that tracks the
