@@ -2,7 +2,7 @@
 
 Zhai, Zhang, Nakkiran, Berthelot, Gu, Zheng, Chen, Bautista, Jaitly & Susskind, "Normalizing Flows are Capable
 Generative Models", ICML 2025 (arXiv 2412.06329), Fig. 2 and Eqs. 3-6; details as in the reference code
-(apple/ml-tarflow, `transformer_flow.py`; papers/methods.md §7).
+(apple/ml-tarflow, `transformer_flow.py`).
 
 A sample is cut into T tokens: an image (C, H, W) into its (H/p)(W/p) patches of D = C p^2 values, a vector
 (d,) into d/p runs of D = p values. The flow f = f_N o ... o f_1 maps data to noise. Block b reads the tokens in
