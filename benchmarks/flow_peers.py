@@ -22,7 +22,8 @@ discrete data from above (Ho et al. 2019, "Flow++", Sec. 3.1), the same figure t
 
     python -m benchmarks.flow_peers [--quick] [--steps 3000] [--batch 256] [--seed 0] [--json FILE]
 
-prints a table of bits/dim, parameter count, training seconds and steps per model (and writes it to --json).
+prints a table of held-out and train bits/dim, parameter count, training seconds and steps per model (and writes
+it to --json).
 """
 from __future__ import annotations
 
@@ -131,7 +132,8 @@ def fit_and_score(name: str, train: Tensor, test: Tensor, *, steps: int, batch: 
     """Fit model `name` ("gaussian", "maf" or "nsf") to train (N, ...) and score it on test (M, ...).
 
     Both splits are on the grid of `levels` levels in [-1, 1] (diffkit.data.digits). Returns {"model", "bpd"
-    (held-out bits/dim), "params", "train_seconds", "steps", "batch"}; the Gaussian takes no steps (0, 0).
+    (held-out bits/dim), "train_bpd" (on train), "params", "train_seconds", "steps", "batch"}; the Gaussian takes
+    no steps (0, 0).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
@@ -154,8 +156,10 @@ def fit_and_score(name: str, train: Tensor, test: Tensor, *, steps: int, batch: 
         _train(flow, log_prob, train, levels=levels, steps=steps, batch=batch, generator=generator)
     seconds = time.perf_counter() - start
     bpd = score(log_prob, test, levels=levels, draws=draws, generator=generator)
-    return {"model": name, "bpd": bpd, "params": params, "train_seconds": round(seconds, 1), "steps": steps,
-            "batch": batch}
+    # the same figure on the training split shows how far a model has overfitted
+    train_bpd = score(log_prob, train, levels=levels, draws=draws, generator=generator)
+    return {"model": name, "bpd": bpd, "train_bpd": train_bpd, "params": params, "train_seconds": round(seconds, 1),
+            "steps": steps, "batch": batch}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [fit_and_score(name, train, test, steps=steps, batch=args.batch, seed=args.seed) for name in args.models]
     flows = [r for r in rows if r["model"] in FLOWS]
     best = min(flows, key=lambda r: r["bpd"]) if flows else None
-    print(table(rows, ["model", "bpd", "params", "train_seconds", "steps", "batch"]))
+    print(table(rows, ["model", "bpd", "train_bpd", "params", "train_seconds", "steps", "batch"]))
     if best is not None:
         print(f"best peer flow: {best['model']} at {best['bpd']:.4f} bits/dim ({len(test)} held-out digits, "
               f"{DRAWS} dequantization draws each)")
