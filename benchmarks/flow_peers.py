@@ -9,7 +9,7 @@ on [-5, 5]). NSF takes the README's hidden width 128 (693,696 parameters); MAF's
 count (666,528). Both train for the same number of steps at the same batch size. The diagonal Gaussian baseline is
 fitted in closed form (128 parameters).
 
-Data and what is counted (the convention of diffkit.likelihood.bits_per_dim). diffkit.data.digits scales the 17
+Data and what is counted (diffkit.data.dequantize and dequantized_bits, as for every diffkit model). diffkit.data.digits scales the 17
 integer levels k = 0..16 to x_k = k / 8 - 1, so one level is delta = 2 / (L - 1) = 1/8 wide in scaled units. Training
 batches are dequantized afresh, x_k + delta w with w ~ U[-1/2, 1/2)^D (Theis et al. 2016, "A note on the
 evaluation of generative models"). The held-out split is scored under the same dequantization, averaged over
@@ -53,46 +53,13 @@ LogProb = Callable[[Tensor], Tensor]
 """log_prob(x) -> log-density (B,) in nats of x (B, D) in the data's scaled units."""
 
 
-def level_width(levels: int) -> float:
-    """delta = 2 / (L - 1): the width of one level once the L levels are scaled to [-1, 1]."""
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise ValueError(f"levels must be an integer >= 2 ({DIGITS_LEVELS} for the digits), got {levels!r}")
-    return 2 / (levels - 1)
-
-
-def dequantize(x: Tensor, *, levels: int, generator: torch.Generator | None = None) -> Tensor:
-    """x + delta w with w ~ U[-1/2, 1/2) per entry, for x (B, ...) on the grid x_k = delta k - 1; same shape.
-
-    delta = 2 / (levels - 1), so each level x_k owns the cell x_k + delta [-1/2, 1/2), as diffkit.likelihood's
-    bits_per_dim places it. x off that grid is a ValueError: pass the data as diffkit.data scales it.
-    """
-    delta = level_width(levels)
-    k = (x + 1) / delta
-    if ((k - k.round()).abs() > 1e-3).any() or (k.round() < 0).any() or (k.round() > levels - 1).any():
-        raise ValueError(f"x is not on the grid of {levels} levels x = 2 k / {levels - 1} - 1, k = 0..{levels - 1}: "
-                         "pass the data as diffkit.data scales it, with its number of levels")
-    w = torch.rand(x.shape, generator=generator, dtype=x.dtype) - 0.5
-    return k.round() * delta - 1 + delta * w.to(x.device)
-
-
-def bits_per_dim_from_log_prob(log_p: Tensor, *, dims: int, level_width: float) -> Tensor:
-    """-(log_p + dims log level_width) / (dims ln 2): bits per dimension of the discrete data, same shape as log_p.
-
-    log_p is the log-density in nats of dequantized points x_k + level_width w in the scaled units (any shape);
-    dims log level_width is the Jacobian of the scaling into units of the integer grid.
-    """
-    if dims < 1 or not level_width > 0:
-        raise ValueError(f"need dims >= 1 and level_width > 0, got dims={dims}, level_width={level_width}")
-    return -(log_p + dims * math.log(level_width)) / (dims * math.log(2))
-
-
 def gaussian_fit(train: Tensor, *, levels: int) -> tuple[Tensor, Tensor]:
     """Mean and standard deviation (D,) of the diagonal Gaussian most likely on dequantized train (N, D).
 
     The expectation over the noise is closed-form: E_w[log N(x + delta w; m, s^2)] = -log(2 pi s^2) / 2
     - ((x - m)^2 + delta^2 / 12) / (2 s^2) per dimension, maximised at m = mean(x), s^2 = var(x) + delta^2 / 12.
     """
-    delta = level_width(levels)
+    delta = 2 / (levels - 1)  # one level's width in the loader's units (diffkit.data.dequantize)
     mean = train.mean(0)
     return mean, ((train - mean).pow(2).mean(0) + delta**2 / 12).sqrt()
 
@@ -110,8 +77,8 @@ def standard_normal(z: Tensor) -> Tensor:
 def score(log_prob: LogProb, test: Tensor, *, levels: int, draws: int, generator: torch.Generator) -> float:
     """Bits per dimension of test (N, D), averaged over its images and `draws` dequantizations of each."""
     with torch.no_grad():
-        log_p = sum(log_prob(dequantize(test, levels=levels, generator=generator)) for _ in range(draws)) / draws
-    return bits_per_dim_from_log_prob(log_p, dims=test.shape[1], level_width=level_width(levels)).mean().item()
+        log_p = sum(log_prob(data.dequantize(test, levels=levels, generator=generator)) for _ in range(draws)) / draws
+    return data.dequantized_bits(log_p, dims=test.shape[1], levels=levels).mean().item()
 
 
 def _train(flow: torch.nn.Module, log_prob: LogProb, train: Tensor, *, levels: int, steps: int, batch: int,
@@ -119,8 +86,8 @@ def _train(flow: torch.nn.Module, log_prob: LogProb, train: Tensor, *, levels: i
     """Maximum likelihood on freshly dequantized batches drawn with replacement, Adam at zuko's lr."""
     optimizer = torch.optim.Adam(flow.parameters(), lr=LR)
     for _ in range(steps):
-        x = dequantize(train[torch.randint(len(train), (batch,), generator=generator)], levels=levels,
-                       generator=generator)
+        x = data.dequantize(train[torch.randint(len(train), (batch,), generator=generator)], levels=levels,
+                            generator=generator)
         loss = -log_prob(x).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -67,7 +67,7 @@ def _samples(folder: Path, n: int, *, sampler: str | None = None, steps: int | N
 
 
 def bench(work: Path, quick: bool) -> dict:
-    steps, n = (60, 200) if quick else (3000, 1000)
+    steps, n, held_n = (60, 200, 32) if quick else (3000, 1000, None)
     budget = [f"train.steps={steps}", f"train.checkpoint_every={max(steps // 3, 1)}"]
     cfg = configs.load(CONFIGS / "digits.yaml")
     train_x, _ = configs.dataset(cfg, "train")
@@ -79,7 +79,7 @@ def bench(work: Path, quick: bool) -> dict:
     diffusion = work / "diffusion"
     _, times["diffusion_train_s"] = _timed(lambda: run.train_run(configs.load(CONFIGS / "digits.yaml", budget),
                                                                  diffusion, progress=False))
-    lik, times["diffusion_likelihood_s"] = _timed(lambda: run.likelihood_run(diffusion, progress=False))
+    lik, times["diffusion_likelihood_s"] = _timed(lambda: run.likelihood_run(diffusion, n=held_n, progress=False))
     x, sample_s = _samples(diffusion, n, sampler="heun", steps=18)
     fd_teacher = metrics.digits_fd(x, held)
     rows.append({"model": "diffusion (EDM MLP), PF-ODE", "bits_per_dim": lik["bits_per_dim"], "digits_fd": fd_teacher,
@@ -90,7 +90,7 @@ def bench(work: Path, quick: bool) -> dict:
     tarflow = work / "tarflow"
     _, train_s = _timed(lambda: run.train_run(configs.load(CONFIGS / "digits-tarflow.yaml", budget), tarflow,
                                               progress=False))
-    lik_tf = run.likelihood_run(tarflow, progress=False)
+    lik_tf = run.likelihood_run(tarflow, n=held_n, progress=False)
     x, sample_s = _samples(tarflow, n)
     rows.append({"model": "TARFLOW (dequantized)", "bits_per_dim": lik_tf["bits_per_dim"],
                  "digits_fd": metrics.digits_fd(x, held), "how": "inverse", "train_s": train_s, "sample_s": sample_s})
@@ -100,7 +100,7 @@ def bench(work: Path, quick: bool) -> dict:
     cond = work / "tarflow-cfg"
     _, train_s = _timed(lambda: run.train_run(configs.load(CONFIGS / "digits-tarflow-cfg.yaml", budget), cond,
                                               progress=False))
-    lik_cond = run.likelihood_run(cond, progress=False)
+    lik_cond = run.likelihood_run(cond, n=held_n, progress=False)
     variants = [("unconditional, raw", {"sampler": "tarflow_raw"}), ("unconditional, denoised", {}),
                 *((f"per class, w={w:g}, denoised", {"guidance": w, "per_class": True}) for w in GUIDANCE)]
     for name, options in variants:

@@ -17,7 +17,7 @@ from pathlib import Path
 from diffkit import registry
 
 BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py", "onestep": "onestep.py",
-              "throughput": "throughput.py"}
+              "throughput": "throughput.py", "likelihood": "likelihood.py"}
 
 
 def _benchmarks_dir() -> Path | None:

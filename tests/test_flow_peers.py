@@ -25,19 +25,18 @@ def one_thread():
 def test_digits_levels_match_the_loader():
     # All 17 levels of the digits occur, at k / 8 - 1: one level is 1/8 wide in the loader's units.
     assert torch.equal(data.digits("all")[0].unique(), torch.arange(fp.DIGITS_LEVELS) / 8 - 1)
-    assert fp.level_width(fp.DIGITS_LEVELS) == 1 / 8
 
 
 def test_dequantize_fills_each_level_cell_and_rejects_off_grid_data():
     levels, delta = 5, 0.5  # x = k / 2 - 1, k = 0..4
     x = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]).repeat(4000)
-    w = (fp.dequantize(x, levels=levels, generator=torch.Generator().manual_seed(0)) - x) / delta
+    w = (data.dequantize(x, levels=levels, generator=torch.Generator().manual_seed(0)) - x) / delta
     assert w.min() >= -0.5 and w.max() < 0.5
     assert w.mean().item() == pytest.approx(0, abs=0.01) and w.var().item() == pytest.approx(1 / 12, abs=0.003)
     with pytest.raises(ValueError, match="not on the grid"):
-        fp.dequantize(torch.tensor([0.25]), levels=levels)
+        data.dequantize(torch.tensor([0.25]), levels=levels)
     with pytest.raises(ValueError, match="levels"):
-        fp.dequantize(x, levels=1)
+        data.dequantize(x, levels=1)
 
 
 def test_gaussian_baseline_bpd_is_the_closed_form():
@@ -72,9 +71,7 @@ def test_dequantized_bpd_of_a_known_density_bounds_the_discrete_mass():
     assert exact - 1e-3 < bpd < exact + 3e-3
 
 
-def test_bits_per_dim_from_log_prob_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="dims"):
-        fp.bits_per_dim_from_log_prob(torch.zeros(2), dims=0, level_width=0.5)
+def test_unknown_peer_model():
     with pytest.raises(ValueError, match="unknown model"):
         fp.fit_and_score("realnvp", torch.zeros(2, 1), torch.zeros(2, 1), steps=1, batch=1, seed=0)
 
