@@ -38,7 +38,6 @@ class Option:
     type: type
     default: Any
     help: str
-    choices: tuple | None = None
 
 
 @dataclass
@@ -98,7 +97,7 @@ class Method:
         return Precond(net, path, cfg.model.prediction, sigma_data=cfg.model.sigma_data)
 
     def trainable(self, denoiser: nn.Module) -> nn.Module:
-        """What the loop trains, built around the run's Precond denoiser."""
+        """What the loop trains, built around the run's model (`wrap`'s result)."""
         return denoiser
 
     def facts(self, cfg) -> dict[str, Any]:
@@ -111,8 +110,8 @@ class Method:
         if not self.samplers:
             return requested or default
         if requested not in (None, *self.samplers):
-            raise ValueError(f"a {self.name} model samples with its own sampler ({', '.join(self.samplers)}, "
-                             f"--steps 1/2/4/...), not {requested!r}")
+            raise ValueError(f"a {self.name} model samples with its own sampler ({', '.join(self.samplers)}), "
+                             f"not {requested!r}")
         return requested or self.samplers[0]
 
     def draw(self, model: nn.Module, cfg, *, sampler: str, steps: int, guidance: float | None, label: int | None,
