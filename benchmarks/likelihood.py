@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import platform
 import sys
 import tempfile
@@ -158,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{ratio_fd:.3g}x the diffusion model's 35-NFE FD {r['digits_fd_teacher_35nfe']:.4g} (target <= 2x).", "",
             "![samples](likelihood.png)", ""]
     out = {"command": command, "device": "cpu", "torch": torch.__version__, **r}
-    report.atomic_write(args.out / "likelihood.json", json.dumps(out, indent=1))
-    report.atomic_write(args.out / "likelihood.md", "\n".join(text))
-    print("\n".join(text))
+    report.results(args.out, "likelihood", out, text)
     return 0
 
 

@@ -153,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"Best one-step model: {best1['method']}, {best1['over_teacher_35nfe']:.3g}x the teacher's 35-NFE "
                  "distance.", "", f"![{r['data']}]({image.name})", ""]
         out["datasets"].append(r)
-    report.atomic_write(args.out / "onestep.json", json.dumps(out, indent=1))
-    report.atomic_write(args.out / "onestep.md", "\n".join(text))
-    print("\n".join(text))
+    report.results(args.out, "onestep", out, text)
     return 0
 
 

@@ -19,6 +19,13 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def results(folder: Path, name: str, data: dict, lines: list[str]) -> None:
+    """A benchmark's results: folder/name.json (data) and folder/name.md (lines), both atomic; prints the lines."""
+    atomic_write(Path(folder) / f"{name}.json", json.dumps(data, indent=1))
+    atomic_write(Path(folder) / f"{name}.md", "\n".join(lines))
+    print("\n".join(lines))
+
+
 def _save(fig, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=110)
