@@ -11,7 +11,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 from diffkit import config as configs
 from diffkit import generate, report, run
