@@ -18,7 +18,8 @@ def test_sampler_benchmark_quick_writes_results(tmp_path):
     assert (tmp_path / "sampler_accuracy.md").exists() and (tmp_path / "sampler_accuracy.png").exists()
     for t in res["targets"]:
         labels = {r["label"] for r in t["rows"]}
-        assert "DPM++ 2M (karras)" in labels and "dpmpp_2m (calibrated grid)" in labels
+        assert {"DPM++ 2M (karras)", "dpmpp_2m (calibrated grid)", "unipc bh2 order 2 (calibrated grid)"} <= labels
+        assert {(c["sampler"], c["nfe"]) for c in t["calibration"]} >= {("dpmpp_3m (calibrated grid)", 10)}
         assert all(math.isfinite(r["median"]) for r in t["rows"] if "median" in r)
         assert set(t["verdict"]["per_nfe"]) == {"5", "10"}
 
