@@ -1,4 +1,4 @@
-"""The `diffkit` command: demo, train, sample, eval, bench, and the commands of methods that derive new runs
+"""The `diffkit` command: demo, train, sample, eval, calibrate, bench, and the commands of methods that derive new runs
 from trained ones (diffkit.registry: reflow, distill).
 
 `bench` runs a benchmark script from the source checkout's benchmarks/ folder (benchmarks are not part of
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from diffkit import registry
+from diffkit.grids import NAMED as GRIDS
 
 BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py", "onestep": "onestep.py",
               "throughput": "throughput.py", "likelihood": "likelihood.py"}
@@ -80,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("run", type=Path, help="run folder")
         p.add_argument("--sampler", help="default: the run's config")
         p.add_argument("--steps", type=int, help="grid steps (default: the run's config)")
-        p.add_argument("--n", type=int, default=64 if name == "sample" else 1000)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--grid", choices=[*GRIDS, "calibrated"],
+                       help="sigma grid (default: the run's config); calibrated: the grid `diffkit calibrate` "
+                            "stored for this sampler and step count (and guidance)")
+        p.add_argument("--n", type=int, default=64 if name == "sample" else 1000, help="number of samples")
+        p.add_argument("--seed", type=int, default=0, help="sample i's noise depends only on (seed, i)")
         p.add_argument("--fast", action="store_true",
                        help="run the net compiled, in bf16 and as one CUDA graph per call (for GPUs: the first "
                             "batch compiles, then sampling is several times faster; samples differ at bf16 precision)")
@@ -90,9 +94,21 @@ def main(argv: list[str] | None = None) -> int:
                            help="score the held-out split's bits/dim under the model instead of sampling (flows "
                                 "exactly, denoisers by their probability-flow ODE); --n caps the held-out samples")
         if name == "sample":
-            p.add_argument("--guidance", type=float, help="classifier-free guidance w (1 = plain conditional)")
+            p.add_argument("--guidance", type=float, help="classifier-free guidance w (1 = plain conditional); "
+                                                          "without --label the classes are sampled evenly")
             p.add_argument("--label", type=int, help="class to sample (conditional runs)")
             p.add_argument("--out", type=Path, help="output folder (default: inside the run)")
+
+    c = sub.add_parser("calibrate", help="fit a sigma grid to a trained run for one sampler and step count "
+                                         "(then sample with --grid calibrated)")
+    c.add_argument("run", type=Path, help="run folder")
+    c.add_argument("--sampler", help="a deterministic fixed-grid sampler (default: the run's config)")
+    c.add_argument("--steps", type=int, help="grid steps (default: the run's config)")
+    c.add_argument("--n", type=int, default=256, help="calibration draws (default 256)")
+    c.add_argument("--seed", type=int, default=0, help="calibration noise seed (its draws never coincide with "
+                                                       "any sample's)")
+    c.add_argument("--guidance", type=float, help="calibrate for sampling under this guidance scale")
+    c.add_argument("--label", type=int, help="calibrate for sampling this class")
 
     # Methods that make a new run from a trained one (`diffkit reflow`, `diffkit distill`): one command each.
     for command, method in registry.commands().items():
@@ -126,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             from diffkit import run
 
             folder = run.sample_run(args.run, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
-                                    guidance=args.guidance, label=args.label, out=args.out, fast=args.fast)
+                                    guidance=args.guidance, label=args.label, out=args.out, grid=args.grid,
+                                    fast=args.fast)
             print(f"samples: {folder}/samples.png")
             return 0
         if args.command == "eval":
@@ -136,8 +153,18 @@ def main(argv: list[str] | None = None) -> int:
                 result = run.likelihood_run(args.run, n=args.n, seed=args.seed)
             else:
                 result = run.eval_run(args.run, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
-                                      fast=args.fast)
+                                      grid=args.grid, fast=args.fast)
             print(json.dumps(result, indent=2))
+            return 0
+        if args.command == "calibrate":
+            from diffkit import run
+
+            record = run.calibrate_run(args.run, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
+                                       guidance=args.guidance, label=args.label)
+            print(f"calibrated {record['sampler']} at {record['steps']} steps in {record['seconds']:.0f} s: median "
+                  f"error {record['calibration_error']:.4g} (the config's {record['config_grid']} grid: "
+                  f"{record['config_grid_error']:.4g}); sample with --grid calibrated --sampler {record['sampler']} "
+                  f"--steps {record['steps']}")
             return 0
         if args.command in registry.commands():
             from diffkit import run

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from diffkit import config as configs
 from diffkit import data as datasets
-from diffkit import generate, likelihood, registry, report
+from diffkit import calibration, generate, likelihood, registry, report
 from diffkit.config import Config
 from diffkit.eval import metrics
 from diffkit.method import Method, Trained
@@ -94,23 +94,57 @@ def load_run(run_dir: Path) -> tuple[Config, torch.nn.Module, tuple[int, ...], i
     """(config, EMA model on the best device, per-sample shape, class count) of a run's latest checkpoint.
 
     The model is what was trained: a Precond denoiser, or for SiD the generator and fake pair."""
+    return _load(run_dir)[:4]
+
+
+def _load(run_dir: Path) -> tuple[Config, torch.nn.Module, tuple[int, ...], int, int]:
+    """load_run's results and the checkpoint's step."""
     ck = _latest(run_dir)
     cfg = configs.from_dict(ck.config["config"])
     shape, n_classes = tuple(ck.config["shape"]), ck.config["num_classes"]
     model = configs.trainable(cfg, configs.model(cfg, shape, n_classes))
     model.load_state_dict(ck.ema)
-    return cfg, model.to(_device()).eval(), shape, n_classes
+    return cfg, model.to(_device()).eval(), shape, n_classes, ck.step
+
+
+def sampling(run_dir: Path, grid: str | None, sampler: str | None, steps: int | None, guidance: float | None,
+              label: int | None):
+    """(config, model, shape, classes, sampler name, sigmas or None): what sampling a run with `sampler`, `steps`
+    and `--grid grid` needs. A named grid replaces the config's; "calibrated" loads the grid `diffkit calibrate`
+    stored for the sampler, step count, guidance and label."""
+    cfg, model, shape, n_classes, step = _load(run_dir)
+    name = generate.sampler_name(cfg, sampler)
+    if grid == "calibrated":
+        sigmas = calibration.load(run_dir, name, steps or cfg.sample.steps, guidance=guidance, label=label, step=step)
+        return cfg, model, shape, n_classes, name, sigmas
+    if grid is not None:
+        cfg = configs.derive(cfg, [f"sample.grid={grid}"])
+    return cfg, model, shape, n_classes, name, None
+
+
+def calibrate_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int = 256, seed: int = 0,
+                  guidance: float | None = None, label: int | None = None, progress: bool = True) -> dict:
+    """Fit and store the calibrated grid of a run for a sampler and step count (diffkit.calibration)."""
+    cfg, model, shape, n_classes, step = _load(run_dir)
+    if registry.get(cfg.objective.name).samplers:
+        raise ValueError(f"{run_dir} is a {cfg.objective.name} run, which samples with its own sampler: "
+                         "calibrated grids are for denoisers sampled with an ODE sampler")
+    return calibration.calibrate(run_dir, model, cfg, shape, n_classes, step=step,
+                                 sampler=generate.sampler_name(cfg, sampler), steps=steps or cfg.sample.steps, n=n,
+                                 seed=seed, guidance=guidance, label=label, progress=progress)
 
 
 def sample_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, seed: int,
                guidance: float | None = None, label: int | None = None, out: Path | None = None,
-               fast: bool = False, progress: bool = True) -> Path:
-    """Sample a trained run; writes samples.png, samples.safetensors and report.md into `out`."""
-    cfg, model, shape, n_classes = load_run(run_dir)
-    name = generate.sampler_name(cfg, sampler)
-    x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, seed=seed, guidance=guidance,
-                             label=label, n_classes=n_classes, fast=fast, progress=progress)
-    out = Path(out or Path(run_dir) / f"samples-{name}-{nfe}nfe-seed{seed}")
+               grid: str | None = None, fast: bool = False, progress: bool = True) -> Path:
+    """Sample a trained run; writes samples.png, samples.safetensors and report.md into `out`.
+
+    grid: a named grid instead of the config's, or "calibrated" (the one `diffkit calibrate` stored)."""
+    cfg, model, shape, n_classes, name, sigmas = sampling(run_dir, grid, sampler, steps, guidance, label)
+    x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, sigmas=sigmas, seed=seed,
+                             guidance=guidance, label=label, n_classes=n_classes, fast=fast, progress=progress)
+    out = Path(out or Path(run_dir) / output_name("samples", cfg, name, grid, nfe, n=n, seed=seed, label=label,
+                                                  guidance=guidance, fast=fast))
     out.mkdir(parents=True, exist_ok=True)
     save_file({"samples": x.contiguous()}, out / "samples.safetensors")
     title = f"{name}, {nfe} NFE, seed {seed}" + (f", label {label}" if label is not None else "") + \
@@ -118,6 +152,17 @@ def sample_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int,
     report.panels(out / "samples.png", {"samples": x}, title=title)
     report.atomic_write(out / "report.md", f"# Samples of {Path(run_dir).name}\n\n{title}\n\n![samples](samples.png)\n")
     return out
+
+
+def output_name(kind: str, cfg: Config, sampler: str, grid: str | None, nfe: int, *, n: int, seed: int,
+                label: int | None = None, guidance: float | None = None, fast: bool = False) -> str:
+    """The name of a sample or eval output inside a run folder: every setting that changes what it holds, so two
+    commands that differ never write to the same place (e.g. samples-dpmpp_2m-calibrated-10nfe-n64-seed0)."""
+    own = bool(registry.get(cfg.objective.name).samplers)  # a method's own sampler has no grid
+    parts = [kind, sampler, *([] if own else [grid or cfg.sample.grid]), f"{nfe}nfe", f"n{n}", f"seed{seed}",
+             *([f"label{label}"] if label is not None else []), *([f"w{guidance:g}"] if guidance is not None else []),
+             *(["fast"] if fast else [])]
+    return "-".join(parts)
 
 
 def evaluate(cfg: Config, samples: torch.Tensor) -> dict:
@@ -131,14 +176,18 @@ def evaluate(cfg: Config, samples: torch.Tensor) -> dict:
             "energy_distance": metrics.energy_distance(samples[:n], held[:n]), "mmd": metrics.mmd(samples[:n], held[:n])}
 
 
-def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, seed: int, fast: bool = False,
-             progress: bool = True) -> dict:
-    """Sample n and score them against the held-out split; writes eval-<sampler>-<nfe>.json in the run folder."""
-    cfg, model, shape, n_classes = load_run(run_dir)
-    name = generate.sampler_name(cfg, sampler)
-    x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, seed=seed, fast=fast, progress=progress)
-    result = {"sampler": name, "nfe": nfe, "n": n, "seed": seed, "fast": fast, **evaluate(cfg, x)}
-    report.atomic_write(Path(run_dir) / f"eval-{name}-{nfe}nfe.json", json.dumps(result, indent=2))
+def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, seed: int, grid: str | None = None,
+             fast: bool = False, progress: bool = True) -> dict:
+    """Sample n and score them against the held-out split; writes eval-<sampler>-<nfe>.json in the run folder.
+
+    grid: as in sample_run."""
+    cfg, model, shape, n_classes, name, sigmas = sampling(run_dir, grid, sampler, steps, None, None)
+    x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, sigmas=sigmas, seed=seed, fast=fast,
+                             progress=progress)
+    result = {"sampler": name, "grid": grid or cfg.sample.grid, "nfe": nfe, "n": n, "seed": seed, "fast": fast,
+              **evaluate(cfg, x)}
+    report.atomic_write(Path(run_dir) / (output_name("eval", cfg, name, grid, nfe, n=n, seed=seed, fast=fast) + ".json"),
+                        json.dumps(result, indent=2))
     return result
 
 

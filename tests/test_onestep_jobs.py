@@ -87,7 +87,7 @@ def test_shortcut_eval_counts_its_steps(shortcut_run, capsys):
     assert cli.main(["eval", str(shortcut_run), "--steps", "2", "--n", "200"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert (result["sampler"], result["nfe"]) == ("shortcut", 2)
-    assert json.loads((shortcut_run / "eval-shortcut-2nfe.json").read_text())["nfe"] == 2
+    assert json.loads((shortcut_run / "eval-shortcut-2nfe-n200-seed0.json").read_text())["nfe"] == 2
 
 
 def test_shortcut_clear_errors(shortcut_run, tmp_path):
@@ -138,7 +138,7 @@ def test_reflow_couples_init_grid_and_resume(teacher, tmp_path):
     torch.testing.assert_close(sigmas, reflow.distill_grid(1, path=configs.path(cfg)))
     assert len(sigmas) == 2 and sigmas[-1] == 0
     result = run.eval_run(out, sampler=None, steps=1, n=100, seed=0, progress=False)
-    assert (result["sampler"], result["nfe"]) == ("euler", 1) and (out / "eval-euler-1nfe.json").exists()
+    assert (result["sampler"], result["nfe"]) == ("euler", 1) and (out / "eval-euler-distill-1nfe-n100-seed0.json").exists()
 
     # Straightness before and after, on the same seeded noise: lr = 0 left the teacher's weights, so they agree.
     got = json.loads((out / "straightness.json").read_text())
@@ -230,7 +230,7 @@ def test_distill_sample_is_one_call_of_the_ema_generator(teacher, tmp_path):
     assert (result["sampler"], result["nfe"]) == ("sid", 2)
     with pytest.raises(SystemExit, match="own sampler"):
         cli.main(["sample", str(out), "--sampler", "euler", "--n", "2"])
-    with pytest.raises(SystemExit, match="without guidance"):
+    with pytest.raises(SystemExit, match="trained without labels"):  # an unconditional teacher
         cli.main(["sample", str(out), "--guidance", "2", "--n", "2"])
 
 

@@ -76,7 +76,7 @@ def test_eval_cli_scores_against_held_out(trained, capsys):
     _, folder = trained
     assert cli.main(["eval", str(folder), "--n", "500", "--sampler", "heun", "--steps", "8"]) == 0
     assert '"sliced_wasserstein"' in capsys.readouterr().out
-    assert (folder / "eval-heun-15nfe.json").exists()
+    assert (folder / "eval-heun-uniform_t-15nfe-n500-seed0.json").exists()
 
 
 def test_clear_errors(trained, tmp_path):
