@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from diffkit import cli
+from diffkit import cli, demo
 
 
 def test_demo_fast_writes_every_promised_file(tmp_path):
@@ -11,9 +11,11 @@ def test_demo_fast_writes_every_promised_file(tmp_path):
     names = {p.name for p in run.iterdir()}
     assert {"samples.png", "loss_curve.png", "metrics.json", "report.md", "config.yaml", "checkpoints"} <= names
     metrics = json.loads((run / "metrics.json").read_text())
-    assert len(metrics["samples"]) == 6 and {r["sampler"] for r in metrics["samples"]} == {"euler", "heun", "dpmpp_2m"}
+    assert [(r["sampler"], r["grid"], r["nfe"]) for r in metrics["samples"]] == [
+        (s, g, n) for s, g, n in demo.ROWS]
     assert 0 < metrics["real_data_floor"]["digits_fd"] < 2
-    assert "| dpmpp_2m |" in (run / "report.md").read_text()
+    assert "| dpmpp_2m | calibrated | 5 |" in (run / "report.md").read_text()
+    assert {p.name for p in (run / "grids").iterdir()} == {"dpmpp_2m-5steps.json", "dpmpp_2m-10steps.json"}
 
 
 def test_bench_unknown_name_is_an_error():
