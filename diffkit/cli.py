@@ -62,6 +62,17 @@ def _train(args) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """argparse type: a positive integer (a count of samples or steps)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffkit", description="Diffusion and flow models under one roof.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,11 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("run", type=Path, help="run folder")
         p.add_argument("--sampler", help="default: the run's config")
-        p.add_argument("--steps", type=int, help="grid steps (default: the run's config)")
+        p.add_argument("--steps", type=_positive, help="grid steps (default: the run's config)")
         p.add_argument("--grid", choices=[*GRIDS, "calibrated"],
                        help="sigma grid (default: the run's config); calibrated: the grid `diffkit calibrate` "
                             "stored for this sampler and step count (and guidance)")
-        p.add_argument("--n", type=int, default=64 if name == "sample" else 1000, help="number of samples")
+        p.add_argument("--n", type=_positive, default=64 if name == "sample" else 1000, help="number of samples")
         p.add_argument("--seed", type=int, default=0, help="sample i's noise depends only on (seed, i)")
         p.add_argument("--fast", action="store_true",
                        help="run the net compiled, in bf16 and as one CUDA graph per call (for GPUs: the first "
@@ -103,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "(then sample with --grid calibrated)")
     c.add_argument("run", type=Path, help="run folder")
     c.add_argument("--sampler", help="a deterministic fixed-grid sampler (default: the run's config)")
-    c.add_argument("--steps", type=int, help="grid steps (default: the run's config)")
-    c.add_argument("--n", type=int, default=256, help="calibration draws (default 256)")
+    c.add_argument("--steps", type=_positive, help="grid steps (default: the run's config)")
+    c.add_argument("--n", type=_positive, default=256, help="calibration draws (default 256)")
     c.add_argument("--seed", type=int, default=0, help="calibration noise seed (its draws never coincide with "
                                                        "any sample's)")
     c.add_argument("--guidance", type=float, help="calibrate for sampling under this guidance scale")

@@ -19,9 +19,10 @@ import yaml
 from torch import nn
 
 from diffkit import data as datasets
-from diffkit import paths, registry
+from diffkit import grids, paths, registry, samplers
 from diffkit.onestep import reflow
-from diffkit.precond import Precond
+from diffkit.precond import PREDICTIONS, Precond
+from diffkit.train import optim
 from diffkit.train.loop import TrainSettings
 
 
@@ -39,7 +40,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     net: str = "mlp"  # mlp | unet | dit (denoiser backbones) | tarflow (a flow)
-    args: dict = field(default_factory=lambda: {"width": 256, "depth": 4})
+    args: dict = field(default_factory=dict)  # the net's keyword arguments; {} = its own defaults
     path: str = "edm"  # vp_linear | vp_cosine | ve | edm | rectified_flow
     shift: float = 1.0  # log-SNR shift scale (Shifted path) when != 1
     prediction: str = "edm"  # eps | x0 | v | velocity | score | edm
@@ -88,16 +89,28 @@ def _unknown(key: str, valid, where: str) -> ValueError:
 
 
 def _coerce(value, annotation: str, where: str):
-    """YAML 1.1 reads 3e-4 as a string: convert to the field's number type, or say what is wrong."""
-    if isinstance(value, bool) or value is None:
+    """YAML 1.1 reads 3e-4 as a string: convert to the field's number type, or say what is wrong (2.7 is not an
+    integer; a mapping is not a number)."""
+    kind = annotation.split(" | ")[0]
+    if value is None or kind not in ("float", "int", "bool", "str", "dict"):
         return value
-    for name, kind in (("float", float), ("int", int)):
-        if annotation.split(" | ")[0] == name and not isinstance(value, kind):
-            try:
-                return kind(value) if name == "float" or not isinstance(value, float) else int(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{where} must be a number ({name}), got {value!r}") from None
-    return value
+    if kind == "dict":
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping ({{key: value, ...}}), got {value!r}")
+        return value
+    if kind == "str" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a folder or dataset named 123
+    if kind in ("bool", "str"):
+        if not isinstance(value, {"bool": bool, "str": str}[kind]):
+            raise ValueError(f"{where} must be {'true or false' if kind == 'bool' else 'a string'}, got {value!r}")
+        return value
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or (kind == "int" and not number.is_integer()):
+        raise ValueError(f"{where} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+    return int(number) if kind == "int" else number
 
 
 def _build(cls, values: dict, where: str):
@@ -115,9 +128,69 @@ def _build(cls, values: dict, where: str):
 
 
 def from_dict(values: dict) -> Config:
-    """Config from nested dicts; missing keys take the defaults, unknown keys are errors."""
+    """Config from nested dicts; missing keys take the defaults, unknown keys and bad values are errors."""
+    if not isinstance(values or {}, dict):
+        raise ValueError(f"a config must be a mapping of sections (data, model, objective, train, sample), got "
+                         f"{type(values).__name__}")
     default = dataclasses.asdict(Config())
-    return _build(Config, _merge(default, values or {}), "config")
+    return validate(_build(Config, _merge(default, values or {}), "config"))
+
+
+POSITIVE = {"train": ("steps", "batch", "checkpoint_every", "keep", "log_every", "max_nonfinite"), "data": ("n",),
+            "sample": ("steps",)}
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _choice(value: str, allowed, key: str) -> None:
+    if value not in allowed:
+        near = difflib.get_close_matches(str(value), list(allowed), n=1)
+        raise ValueError(f"unknown {key} {value!r}" + (f"; did you mean {near[0]!r}?" if near else ".") +
+                         f" Choose one of: {', '.join(allowed)}")
+
+
+def validate(cfg: Config) -> Config:
+    """Every check on a config that needs no data: names, ranges and counts, each a ValueError naming the key.
+
+    It runs whenever a config is made (load, derive, from_dict), so a run fails before its folder is written or
+    a step is trained, never at the end (a mistyped sample.sampler used to surface only at the final sampling).
+    """
+    for section, keys in POSITIVE.items():
+        for key in keys:
+            value = getattr(getattr(cfg, section), key)
+            if value < 1:
+                raise ValueError(f"{section}.{key} must be a positive integer, got {value}")
+    t, s, m, o, d = cfg.train, cfg.sample, cfg.model, cfg.objective, cfg.data
+    if t.micro_batch is not None and not 1 <= t.micro_batch <= t.batch:
+        raise ValueError(f"train.micro_batch must be in [1, train.batch = {t.batch}] (or null), got {t.micro_batch}")
+    for key, ok, rule in (("train.lr", t.lr > 0, "> 0"), ("train.warmup", t.warmup >= 0, ">= 0"),
+                          ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1)"),
+                          ("train.ema_rampup", t.ema_rampup >= 0, ">= 0"), ("train.grad_clip", t.grad_clip > 0, "> 0"),
+                          ("objective.label_dropout", 0 <= o.label_dropout < 1, "in [0, 1)"),
+                          ("sample.rho", s.rho > 0, "> 0")):
+        if not ok:
+            raise ValueError(f"{key} must be {rule}")
+    if t.precision == "fp16":
+        raise ValueError("train.precision=fp16 is not supported (it needs loss scaling): use bf16, fp32 or auto")
+    _choice(t.precision, PRECISIONS, "train.precision")
+    _choice(t.optimizer, optim.OPTIMIZERS, "train.optimizer")
+    _choice(m.path, list(PATHS), "model.path")
+    _choice(m.prediction, [*PREDICTIONS, "edm"], "model.prediction")
+    _choice(m.net, list(_nets()), "model.net")
+    _choice(o.name, list(registry.METHODS), "objective.name")
+    _choice(s.grid, list(grids.NAMED), "sample.grid")
+    if not registry.get(o.name).samplers:
+        try:
+            samplers.get(s.sampler)
+        except ValueError as err:
+            raise ValueError(f"sample.sampler: {err}") from None
+    _choice(d.name, ["digits", "folder", "hf", *datasets.TOYS], "data.name")
+    if d.name in datasets.TOYS and d.conditional and d.couples is None:
+        raise ValueError(f"data.conditional=true needs labels; the {d.name} toy has none (use digits, or a folder "
+                         "with one sub-folder per class)")
+    if d.name in ("folder", "hf") and (d.source is None or d.size is None):
+        raise ValueError(f"data.name={d.name} needs data.source (the {'folder' if d.name == 'folder' else 'dataset'}) "
+                         "and data.size (the image side in pixels)")
+    return cfg
 
 
 def _merge(base: dict, new: dict) -> dict:
@@ -134,7 +207,13 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections (data, model, objective, train, "
+                             f"sample), not a {type(values).__name__}")
     return from_dict(_override(values, overrides))
 
 
@@ -150,9 +229,14 @@ def _override(values: dict, overrides: list[str]) -> dict:
         dotted, raw = item.split("=", 1)
         node = values
         *parents, leaf = dotted.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parents[:i + 1])} is a value, not a section")
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({err})") from None
     return values
 
 
@@ -163,6 +247,8 @@ def to_dict(cfg: Config) -> dict:
 def dataset(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
     """The training (or held-out 'test') data: images (N, C, H, W) in [-1, 1] or vectors (N, d).
 
+    Digits have a fixed split; toys draw the held-out points with another seed; image folders hold out about 1
+    in 10 files by a hash of their path (data.held_out); Hugging Face datasets use their own splits.
     With data.couples the training split is reflow's (N, 2, ...) [sample, noise] couples; the held-out split
     stays the real data of data.name, so reflowed models are scored against what the teacher learned.
     """
@@ -175,7 +261,10 @@ def dataset(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tens
     elif d.name in datasets.TOYS:
         x, y = datasets.toy(d.name, d.n, torch.Generator().manual_seed(0 if split == "train" else 1)), None
     elif d.name == "folder":
-        x, y = datasets.image_folder(d.source, d.size, channels=d.channels)
+        x, y = datasets.image_folder(d.source, d.size, channels=d.channels, split=split)
+        if d.conditional and y is None:
+            raise ValueError(f"data.conditional=true needs labels: put the images of {d.source} in one sub-folder per "
+                             "class (or set data.conditional=false)")
     elif d.name == "hf":
         x, y = datasets.hf_dataset(d.source, d.size, split=split, channels=d.channels)
     else:
@@ -230,7 +319,11 @@ def model(cfg: Config, sample_shape: tuple[int, ...], n_classes: int) -> nn.Modu
         if key not in params or key in fixed:
             raise _unknown(key, [p for p in params if p not in fixed], f"model.args of {m.net}")
     extra = {"extra_scalars": method.extra_scalars} if method.extra_scalars else {}
-    return method.wrap(cls(**data_args, num_classes=n_classes, **extra, **m.args), cfg, path(cfg))
+    try:
+        net = cls(**data_args, num_classes=n_classes, **extra, **m.args)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"model.args {m.args} do not build a {m.net}: {err}") from None
+    return method.wrap(net, cfg, path(cfg))
 
 
 def trainable(cfg: Config, denoiser: Precond) -> nn.Module:

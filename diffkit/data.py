@@ -5,6 +5,7 @@ model code.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 TOYS = ("checkerboard", "moons", "8gaussians", "spirals", "swissroll")
+HELD_OUT_EVERY = 10  # an image folder holds out about 1 in 10 files (data.held_out)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -109,8 +111,18 @@ def _to_tensor(image, size: int, channels: int) -> Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
 
 
-def image_folder(root: str | Path, size: int, *, channels: int = 3) -> tuple[Tensor, Tensor | None]:
-    """Every image under `root`; sub-folders of root are classes (labels in sorted order), else labels are None."""
+def held_out(relative: str) -> bool:
+    """Whether the image at `relative` (its path under the folder's root, with /) is in an image folder's held-out
+    split: about 1 in HELD_OUT_EVERY files, chosen by a hash of the path, so a file keeps its split when others
+    are added or removed."""
+    return hashlib.sha1(relative.encode()).digest()[0] % HELD_OUT_EVERY == 0
+
+
+def image_folder(root: str | Path, size: int, *, channels: int = 3,
+                 split: str | None = None) -> tuple[Tensor, Tensor | None]:
+    """The images under `root`; sub-folders of root are classes (labels in sorted order), else labels are None.
+
+    split: "train" or "test" keeps that side of the held-out rule (`held_out`); None keeps every image."""
     from PIL import Image, UnidentifiedImageError
 
     root = Path(root)
@@ -122,6 +134,13 @@ def image_folder(root: str | Path, size: int, *, channels: int = 3) -> tuple[Ten
     if not files:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
     classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    if split is not None:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
+        files = [p for p in files if held_out(p.relative_to(root).as_posix()) == (split == "test")]
+        if not files:
+            raise ValueError(f"{root} has no images in its {split} split (about 1 in {HELD_OUT_EVERY} images is held "
+                             f"out, by a hash of its path): add images")
     images = []
     for p in files:
         try:

@@ -46,6 +46,8 @@ def main(out: Path, *, seed: int = 0, fast: bool = False, progress: bool = True)
     report.atomic_write(run_dir / "metrics.json", json.dumps(result, indent=2))
     report.atomic_write(run_dir / "report.md", "\n".join([
         "# diffkit demo: digits", "",
+        *(["**A smoke run (`diffkit demo --fast`): 150 training steps, so the samples are still noise. Run "
+           "`diffkit demo` for the real result.**", ""] if fast else []),
         f"Trained {cfg.train.steps} steps in {train_s:.0f} s ("
         + ", ".join(f"{k} {v}" for k, v in configs.describe(cfg).items() if k != "steps") + f"). Each sampler drew {n} "
         "samples from the EMA weights; distances are to the held-out split in the digits classifier's feature "

@@ -176,16 +176,31 @@ def evaluate(cfg: Config, samples: torch.Tensor) -> dict:
             "energy_distance": metrics.energy_distance(samples[:n], held[:n]), "mmd": metrics.mmd(samples[:n], held[:n])}
 
 
+def notes(scores: dict, n: int) -> list[str]:
+    """What a reader should know before trusting `scores` of n samples."""
+    out = []
+    if n < 500:
+        out.append(f"only {n} samples: Fréchet distance and sliced W are biased upward and noisy below ~500")
+    if any(k.endswith("kid") or k == "mmd" for k, v in scores.items() if isinstance(v, float) and v < 0):
+        out.append("a negative KID / MMD is an unbiased estimate of a distance near 0: the samples are about as "
+                   "close to the held-out data as real data is")
+    return out
+
+
 def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, seed: int, grid: str | None = None,
              fast: bool = False, progress: bool = True) -> dict:
-    """Sample n and score them against the held-out split; writes eval-<sampler>-<nfe>.json in the run folder.
+    """Sample n and score them against the held-out split, next to the real-data floor (n training points
+    scored the same way); writes eval-... .json (output_name) in the run folder.
 
     grid: as in sample_run."""
     cfg, model, shape, n_classes, name, sigmas = sampling(run_dir, grid, sampler, steps, None, None)
     x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, sigmas=sigmas, seed=seed, fast=fast,
                              progress=progress)
+    scores = evaluate(cfg, x)
+    train_x, _ = configs.dataset(cfg, "train")
+    floor = evaluate(cfg, train_x[:n, 0] if cfg.data.couples is not None else train_x[:n])
     result = {"sampler": name, "grid": grid or cfg.sample.grid, "nfe": nfe, "n": n, "seed": seed, "fast": fast,
-              **evaluate(cfg, x)}
+              **scores, "real_data_floor": floor, "notes": notes(scores, n)}
     report.atomic_write(Path(run_dir) / (output_name("eval", cfg, name, grid, nfe, n=n, seed=seed, fast=fast) + ".json"),
                         json.dumps(result, indent=2))
     return result

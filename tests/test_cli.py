@@ -15,6 +15,7 @@ def test_demo_fast_writes_every_promised_file(tmp_path):
         (s, g, n) for s, g, n in demo.ROWS]
     assert 0 < metrics["real_data_floor"]["digits_fd"] < 2
     assert "| dpmpp_2m | calibrated | 5 |" in (run / "report.md").read_text()
+    assert "A smoke run" in (run / "report.md").read_text()
     assert {p.name for p in (run / "grids").iterdir()} == {"dpmpp_2m-5steps.json", "dpmpp_2m-10steps.json"}
 
 

@@ -44,6 +44,19 @@ def test_image_folder(tmp_path):
     assert grey.shape == (4, 1, 8, 8)
 
 
+def test_image_folder_splits_are_disjoint_stable_and_cover_the_folder(tmp_path):
+    for i in range(60):
+        Image.new("L", (8, 8), i).save(tmp_path / f"{i:02d}.png")
+    train, _ = data.image_folder(tmp_path, 8, split="train")
+    test, _ = data.image_folder(tmp_path, 8, split="test")
+    every, _ = data.image_folder(tmp_path, 8)
+    assert len(train) + len(test) == len(every) == 60 and 2 <= len(test) <= 15
+    values = lambda x: {round(v, 4) for v in x[:, 0, 0, 0].tolist()}  # noqa: E731 (each image one grey level)
+    assert values(train).isdisjoint(values(test))
+    (tmp_path / "late.png").write_bytes((tmp_path / "00.png").read_bytes())  # a new file moves no old one
+    assert values(data.image_folder(tmp_path, 8, split="test")[0]) >= values(test)
+
+
 def test_image_folder_errors_name_the_file(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png"):

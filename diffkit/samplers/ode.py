@@ -140,9 +140,17 @@ def rk45(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator=None, noise
 
     Integrates from sigmas[0] to the smallest positive sigma of the grid (the grid's other entries are not
     used), then takes the final step x = D. Wrap the denoiser in NFECounter to read its NFE.
+
+    The step size is chosen over the whole batch, so a row that is not finite would stall it: such rows are an
+    error here. The fixed-grid samplers do not check (it would read the batch back on every call); a NaN row
+    stays NaN there and leaves the other rows unchanged.
     """
     s = prepare(x, sigmas)
     s_end = s[-2]
+    bad = (~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"rk45 needs finite start points; rows {bad[:10]}{' ...' if len(bad) > 10 else ''} hold NaN "
+                         "or inf (drop them, or use a fixed-grid sampler, which carries them through)")
 
     def field(u: Tensor, y: Tensor) -> Tensor:
         return y - denoise(denoiser, y, math.exp(float(u)))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffkit import grids, paths, samplers
+from diffkit import analytic, grids, paths, samplers
 from diffkit.samplers import NFECounter
 
 SIGMA_MAX, SIGMA_MIN = 80.0, 0.002  # the range of the shared `problem` (tests/samplers/conftest.py)
@@ -105,3 +105,14 @@ def test_the_last_step_is_the_denoiser_at_sigma_min(name, ring_gmm):
     i, sigma, x0_hat = seen[-1]
     assert (i, sigma) == (len(sigmas) - 2, 0.01)
     torch.testing.assert_close(out, x0_hat, rtol=0, atol=1e-12)  # heun's Euler step to 0 rounds; the others are exact
+
+
+def test_rk45_names_the_rows_that_are_not_finite_and_fixed_grids_carry_them():
+    gmm = analytic.ring()
+    x = 80.0 * torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"rows \[2\] hold NaN"):
+        samplers.rk45(gmm, x, grids.karras(4, 0.002, 80.0))
+    out = samplers.dpmpp_2m(gmm, x, grids.karras(4, 0.002, 80.0))
+    clean = samplers.dpmpp_2m(gmm, x[[0, 1, 3, 4, 5]], grids.karras(4, 0.002, 80.0))
+    assert out[2].isnan().all() and torch.equal(out[[0, 1, 3, 4, 5]], clean)
