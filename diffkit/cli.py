@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
     # Overrides may also follow the options (`diffkit reflow RUN --out D train.steps=100`).
     args, extra = parser.parse_known_args(argv)
+    if not sys.stderr.isatty():  # a log file: progress bars update every 30 s, not many times a second
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -46,20 +47,31 @@ def image_grid(x: torch.Tensor, cols: int | None = None) -> np.ndarray:
     return out
 
 
-def panels(path: Path, sets: dict[str, torch.Tensor], *, title: str = "") -> None:
-    """Side-by-side panels, one per named set: image mosaics for (N, C, H, W), scatter plots for (N, 2)."""
-    fig, axes = plt.subplots(1, len(sets), figsize=(2.6 * len(sets), 2.9), squeeze=False)
-    for ax, (name, x) in zip(axes[0], sets.items()):
+def panels(path: Path, sets: dict[str, torch.Tensor], *, title: str = "", cols: int = 4) -> None:
+    """Panels in rows of `cols`, one per named set: image mosaics for (N, C, H, W), scatter plots for (N, 2) on
+    axes shared by every scatter panel and fitted to the points. Titles wrap instead of running off the image."""
+    rows = -(-len(sets) // cols)
+    cols = min(cols, len(sets))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.1 * rows + (0.4 if title else 0)), squeeze=False)
+    points = [x for x in sets.values() if x.ndim == 2]
+    if points:
+        both = torch.cat(points).float()
+        lo, hi = both.nan_to_num().quantile(0.005, dim=0), both.nan_to_num().quantile(0.995, dim=0)
+        pad = 0.1 * (hi - lo).max().item() + 1e-6
+    for ax in axes.flat[len(sets):]:
+        ax.axis("off")
+    for ax, (name, x) in zip(axes.flat, sets.items()):
         if x.ndim == 4:
             grid = image_grid(x[:64])
             ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", interpolation="nearest")
         else:
             ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5)
-            ax.set_xlim(-4.5, 4.5), ax.set_ylim(-4.5, 4.5), ax.set_aspect("equal")
-        ax.set_title(name, fontsize=8)
+            ax.set_xlim(lo[0].item() - pad, hi[0].item() + pad), ax.set_ylim(lo[1].item() - pad, hi[1].item() + pad)
+            ax.set_aspect("equal")
+        ax.set_title(textwrap.fill(name, 32), fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(textwrap.fill(title, int(18 * cols)), fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 

@@ -77,11 +77,14 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     report.atomic_write(run_dir / "config.yaml", yaml.safe_dump(info, sort_keys=False))
     ema = train(model, objective, x, y, cfg.train, run_dir, config=info, progress=progress)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return run_dir  # under DDP, rank 0 alone writes the run's pictures and report
     report.loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-    samples, nfe = generate.sample(ema.model, cfg, shape, 64, n_classes=n_classes, progress=progress)
+    shown = 64 if len(shape) > 1 else 2000  # an image grid, or enough points to see a 2-D distribution
+    samples, nfe = generate.sample(ema.model, cfg, shape, shown, n_classes=n_classes, progress=progress)
     name = generate.sampler_name(cfg, None)
     title = f"{name}, {nfe} NFE, EMA weights after {cfg.train.steps} steps"
-    data = x[:64, 0] if cfg.data.couples is not None else x[:64]
+    data = x[:shown, 0] if cfg.data.couples is not None else x[:shown]
     report.panels(run_dir / "samples.png", {"training data": data, "samples": samples}, title=title)
     facts = configs.describe(cfg)
     report.atomic_write(run_dir / "report.md", "\n".join([
@@ -140,6 +143,9 @@ def sample_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int,
     """Sample a trained run; writes samples.png, samples.safetensors and report.md into `out`.
 
     grid: a named grid instead of the config's, or "calibrated" (the one `diffkit calibrate` stored)."""
+    if out is not None and ((Path(out) / "config.yaml").exists() or (Path(out) / "checkpoints").exists()):
+        raise ValueError(f"--out {out} is a run folder: its samples.png and report.md would be replaced; leave --out "
+                         "out (samples go to a named folder inside the run) or pass a new folder")
     cfg, model, shape, n_classes, name, sigmas = sampling(run_dir, grid, sampler, steps, guidance, label)
     x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, sigmas=sigmas, seed=seed,
                              guidance=guidance, label=label, n_classes=n_classes, fast=fast, progress=progress)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from diffkit import analytic, paths
+from diffkit import paths
 from diffkit.nets.mlp import MLP
 from diffkit.nets.unet import UNet
 from diffkit.precond import PREDICTIONS, Precond, convert, from_x0_eps, to_x0_eps

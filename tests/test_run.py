@@ -94,3 +94,15 @@ def test_clear_errors(trained, tmp_path):
         cli.main(["sample", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown sampler"):
         cli.main(["sample", str(folder), "--sampler", "eulr", "--n", "2"])
+    before = (folder / "report.md").read_text()
+    with pytest.raises(SystemExit, match="is a run folder"):
+        cli.main(["sample", str(folder), "--n", "2", "--out", str(folder)])
+    assert (folder / "report.md").read_text() == before
+
+
+def test_outputs_are_named_by_what_made_them(trained):
+    _, folder = trained
+    made = {run.sample_run(folder, sampler="euler", steps=4, n=n, seed=seed, progress=False).name
+            for n, seed in ((8, 0), (8, 1), (9, 0))}
+    assert made == {"samples-euler-uniform_t-4nfe-n8-seed0", "samples-euler-uniform_t-4nfe-n8-seed1",
+                    "samples-euler-uniform_t-4nfe-n9-seed0"}
