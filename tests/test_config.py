@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffkit import config
+from diffkit import config, generate
+from diffkit.samplers.advice import few_step_warning
 from diffkit.flows.tarflow import Flow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,8 @@ def test_shipped_configs_build(name):
         assert isinstance(model, Flow)
     else:
         assert model.prediction == cfg.model.prediction
+    # No shipped recipe samples by default with a setting the few-step rule warns about.
+    assert few_step_warning(cfg.sample.sampler, generate.grid(cfg)) is None
 
 
 def test_overrides_are_typed():
