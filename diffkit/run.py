@@ -33,11 +33,11 @@ def _run_info(cfg: Config, x: torch.Tensor, n_classes: int) -> dict:
 
 
 def _latest(run_dir: str | Path) -> checkpoint.Checkpoint:
-    """A run's latest checkpoint; a folder without one is an error that says how to make it."""
-    found = checkpoint.latest(Path(run_dir))
+    """A run's newest intact checkpoint; a folder without one is an error that says how to make it."""
+    found = checkpoint.load_latest(Path(run_dir))
     if found is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoints: train it first with `diffkit train`")
-    return checkpoint.load(found)
+    return found
 
 
 def ema_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:

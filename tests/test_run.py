@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from diffkit import cli, data, generate, run
 from diffkit import config as configs
 from diffkit.eval import metrics
+from diffkit.train import checkpoint
 from diffkit.train.fast import FastDenoiser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,3 +90,23 @@ def test_clear_errors(trained, tmp_path):
         cli.main(["sample", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown sampler"):
         cli.main(["sample", str(folder), "--sampler", "eulr", "--n", "2"])
+
+
+# --- resuming (run.py's module docstring states the rule) -----------------------------------------------------
+
+TINY = ["data.n=512", "model.args={width: 32, depth: 2}", "train.batch=64", "train.warmup=5", "train.log_every=1",
+        "train.checkpoint_every=10", "sample.steps=4"]
+
+
+def tiny(folder, *overrides):
+    run.train_run(configs.load(ROOT / "configs" / "checkerboard-fm.yaml", [*TINY, *overrides]), folder, progress=False)
+    return folder
+
+
+def test_load_run_falls_back_from_a_damaged_checkpoint(tmp_path, damage):
+    folder = tiny(tmp_path / "run", "train.steps=20")
+    damage(folder / "checkpoints" / "step-000000020" / "ema.safetensors")
+    with pytest.warns(UserWarning, match="step-000000020 is corrupt.*Using the newest good checkpoint, .*step-000000010"):
+        _, model, _, _ = run.load_run(folder)
+    good = checkpoint.load(folder / "checkpoints" / "step-000000010").ema
+    assert all(torch.equal(v.cpu(), good[k]) for k, v in model.state_dict().items())

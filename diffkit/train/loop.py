@@ -123,13 +123,12 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
     opts = optim.build(model, settings.optimizer, lr=settings.lr, muon_lr=settings.muon_lr,
                        weight_decay=settings.weight_decay, betas=(settings.adam_beta1, settings.adam_beta2))
     start, skipped_total = 0, 0
-    found = checkpoint.latest(run_dir)
-    if found is not None:
-        ck = checkpoint.load(found)
+    ck = checkpoint.load_latest(run_dir)
+    if ck is not None:
         model.load_state_dict(ck.model)
         ema.load_state_dict(ck.ema)
         if len(ck.optimizers) != len(opts):
-            raise ValueError(f"checkpoint {found} was written with another optimizer setting; use a new run folder")
+            raise ValueError(f"checkpoint {ck.path} was written with another optimizer setting; use a new run folder")
         for opt, state in zip(opts, ck.optimizers):
             opt.load_state_dict(state)
         start, skipped_total = ck.step, ck.extra.get("skipped_steps", 0)

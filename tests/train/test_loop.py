@@ -49,6 +49,23 @@ def test_resume_after_sigkill_is_exact(tmp_path):
         torch.testing.assert_close(ema.state_dict()[k], v, rtol=0, atol=1e-6)
 
 
+def assert_same_weights(a, b):
+    for k, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[k], v), k
+
+
+def test_a_checkpoint_damaged_in_place_is_skipped_and_resume_is_exact(tmp_path, damage):
+    ref_model, _ = job(tmp_path / "ref", steps=15, micro=64)
+    run = tmp_path / "damaged"
+    job(run, steps=10, micro=64)
+    newest = checkpoint.latest(run)
+    damage(newest / "model.safetensors")
+    with pytest.warns(UserWarning, match="step-000000010 is corrupt.*Using the newest good checkpoint, .*step-000000005"):
+        model, _ = job(run, steps=15, micro=64)
+    assert_same_weights(ref_model, model)
+    assert checkpoint.load(newest).step == 10  # saved again, intact
+
+
 def test_ddp_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
