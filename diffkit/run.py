@@ -21,7 +21,7 @@ from diffkit.config import Config
 from diffkit.eval import metrics
 from diffkit.method import Method, Trained
 from diffkit.train import checkpoint
-from diffkit.train.loop import train
+from diffkit.train.loop import resume_point, train
 
 
 def _device() -> torch.device:
@@ -45,16 +45,31 @@ def ema_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
     return _latest(run_dir).ema
 
 
-def _check_same_config(run_dir: Path, info: dict) -> None:
-    saved_file = run_dir / "config.yaml"
-    if not saved_file.exists():
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in d.items():
+        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
+def _check_same_config(run_dir: Path, ck: checkpoint.Checkpoint | None, info: dict) -> None:
+    """A run resumes only under the config of its checkpoint (config.yaml is a copy for readers, and the guard of
+    a run stopped before its first checkpoint); only train.steps may change."""
+    if ck is not None:
+        saved = ck.config
+    elif (run_dir / "config.yaml").exists():
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    else:
         return
-    saved = yaml.safe_load(saved_file.read_text())
-    for d in (saved, info):
-        d["config"]["train"].pop("steps", None)
-    if saved != info:
-        raise ValueError(f"{run_dir} holds a run made with a different config; pass a new --out folder "
-                         "(or the same config to resume; only train.steps may change)")
+    # Keys as they are written on the command line (train.lr), beside the data's shape and num_classes.
+    was, now = ({k.removeprefix("config."): v for k, v in _flat(d).items()} for d in (saved, info))
+    differ = [k for k in sorted(was.keys() | now.keys()) if k != "train.steps" and was.get(k) != now.get(k)]
+    if differ:
+        show = lambda d, k: d[k] if k in d else "unset"  # noqa: E731
+        raise ValueError(f"{run_dir} holds a run made with a different config ("
+                         + "; ".join(f"{k}: {show(was, k)} in the run, {show(now, k)} now" for k in differ)
+                         + "); pass a new --out folder (or the same config to resume; only train.steps may change)")
 
 
 def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
@@ -63,7 +78,8 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
     x, y = configs.dataset(cfg, "train")
     n_classes = configs.num_classes(cfg, y)
     info = _run_info(cfg, x, n_classes)
-    _check_same_config(run_dir, json.loads(json.dumps(info)))
+    resumed, length_changes = resume_point(run_dir, cfg.train)
+    _check_same_config(run_dir, resumed, json.loads(json.dumps(info)))
     torch.manual_seed(cfg.train.seed)
     shape = configs.sample_shape(cfg, x)
     denoiser = configs.model(cfg, shape, n_classes)
@@ -84,9 +100,13 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
     data = x[:64, 0] if cfg.data.couples is not None else x[:64]
     report.panels(run_dir / "samples.png", {"training data": data, "samples": samples}, title=title)
     facts = configs.describe(cfg)
-    report.atomic_write(run_dir / "report.md", "\n".join([
-        f"# Training run {run_dir.name}", "", report.table([facts], list(facts)), "",
-        "![loss](loss_curve.png)", "", f"![samples](samples.png) ({title})", ""]))
+    lines = [f"# Training run {run_dir.name}", "", report.table([facts], list(facts)), ""]
+    for c in length_changes:
+        how, total = "extended" if c["to_steps"] > c["from_steps"] else "shortened", c["to_steps"]
+        lines += [f"Run length {how} from {c['from_steps']} to {total} steps; the schedule is that of {total} steps "
+                  f"from step {c['at_step']} on.", ""]
+    lines += ["![loss](loss_curve.png)", "", f"![samples](samples.png) ({title})", ""]
+    report.atomic_write(run_dir / "report.md", "\n".join(lines))
     return run_dir
 
 

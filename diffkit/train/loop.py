@@ -80,6 +80,25 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def resume_point(run_dir: Path, settings: TrainSettings) -> tuple[checkpoint.Checkpoint | None, list[dict]]:
+    """The checkpoint training in run_dir resumes from (the newest intact one; None: a fresh start), and the
+    changes of train.steps the run has had, this one included, as {"at_step", "from_steps", "to_steps"}.
+
+    A run continued with another train.steps follows the learning-rate schedule of the new total (warm-up and
+    cosine) from the checkpoint's step on; a train.steps below that step is an error."""
+    ck = checkpoint.load_latest(run_dir)
+    if ck is None:
+        return None, []
+    if settings.steps < ck.step:
+        raise ValueError(f"{run_dir} holds a checkpoint at step {ck.step}, past train.steps={settings.steps}: use "
+                         f"train.steps >= {ck.step} to resume it, or a new run folder (--out)")
+    changes = ck.extra.get("length_changes", [])
+    before = ck.extra.get("settings", {}).get("steps", settings.steps)
+    if before != settings.steps:
+        changes = [*changes, {"at_step": ck.step, "from_steps": before, "to_steps": settings.steps}]
+    return ck, changes
+
+
 def _check_labels(labels: Tensor | None, n: int, model: nn.Module) -> None:
     """Labels are checked once here, where the data enters: a net checks only their shape, since checking their
     values inside its forward would read them back to the host on every call."""
@@ -123,7 +142,7 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
     opts = optim.build(model, settings.optimizer, lr=settings.lr, muon_lr=settings.muon_lr,
                        weight_decay=settings.weight_decay, betas=(settings.adam_beta1, settings.adam_beta2))
     start, skipped_total = 0, 0
-    ck = checkpoint.load_latest(run_dir)
+    ck, length_changes = resume_point(run_dir, settings)
     if ck is not None:
         model.load_state_dict(ck.model)
         ema.load_state_dict(ck.ema)
@@ -143,7 +162,7 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
 
     def save(step: int) -> None:
         if rank == 0:
-            extra = {"skipped_steps": skipped_total, "settings": asdict(settings)}
+            extra = {"skipped_steps": skipped_total, "settings": asdict(settings), "length_changes": length_changes}
             checkpoint.save(run_dir, step, model={f"net.{k}": v for k, v in raw_net.state_dict().items()},
                             ema=ema.state_dict(), optimizers=[opt.state_dict() for opt in opts], extra=extra,
                             config=config or {}, keep=settings.keep)

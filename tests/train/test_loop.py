@@ -66,6 +66,12 @@ def test_a_checkpoint_damaged_in_place_is_skipped_and_resume_is_exact(tmp_path, 
     assert checkpoint.load(newest).step == 10  # saved again, intact
 
 
+def test_train_steps_below_the_checkpoint_is_an_error(tmp_path):
+    job(tmp_path, steps=10, micro=64)
+    with pytest.raises(ValueError, match="checkpoint at step 10, past train.steps=5: use train.steps >= 10"):
+        job(tmp_path, steps=5, micro=64)
+
+
 def test_ddp_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
