@@ -16,7 +16,7 @@ from diffkit.nets.mlp import MLP
 from diffkit.objectives import Denoising
 from diffkit.precond import Precond
 from diffkit.train import checkpoint, optim
-from diffkit.train.loop import NonFiniteLoss, TrainSettings, train
+from diffkit.train.loop import Interrupted, NonFiniteLoss, TrainSettings, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _run import job  # noqa: E402
@@ -52,6 +52,37 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 def assert_same_weights(a, b):
     for k, v in a.state_dict().items():
         assert torch.equal(b.state_dict()[k], v), k
+
+
+def test_ctrl_c_saves_the_step_it_stopped_after_and_resumes_exactly(tmp_path):
+    ref_model, ref_ema = job(tmp_path / "ref", steps=12, micro=64)
+    run = tmp_path / "stopped"
+    # Ctrl-C during step 7 (checkpoints every 5): the step finishes, is saved, and the loop stops.
+    with pytest.raises(Interrupted, match="^interrupted at step 7: checkpoint saved; run the same command to resume$"):
+        job(run, steps=12, micro=64, ctrl_c_at=7)
+    assert checkpoint.load(checkpoint.latest(run)).step == 7
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    model, ema = job(run, steps=12, micro=64)
+    assert_same_weights(ref_model, model)
+    assert_same_weights(ref_ema, ema)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_saves_nothing(tmp_path):
+    calls = []
+
+    def pressed_twice_in_step_7(model, x0, cond=None, *, generator=None):
+        calls.append(1)
+        if len(calls) == 7:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return ((model(x0, torch.ones(len(x0))) - x0) ** 2).mean(1)
+
+    settings = TrainSettings(steps=12, batch=8, warmup=1, checkpoint_every=5)
+    with pytest.raises(KeyboardInterrupt) as err:
+        train(tiny_model(), pressed_twice_in_step_7, torch.randn(32, 2), None, settings, tmp_path, progress=False)
+    assert type(err.value) is KeyboardInterrupt
+    assert checkpoint.load(checkpoint.latest(tmp_path)).step == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_checkpoint_damaged_in_place_is_skipped_and_resume_is_exact(tmp_path, damage):
