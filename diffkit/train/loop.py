@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -104,6 +105,25 @@ def resume_point(run_dir: Path, settings: TrainSettings) -> tuple[checkpoint.Che
     if before != settings.steps:
         changes = [*changes, {"at_step": ck.step, "from_steps": before, "to_steps": settings.steps}]
     return ck, changes
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the rows of metrics.jsonl up to `step` (and no line torn by a kill): training resumed from `step`
+    logs the later ones again. Atomic: temp file + rename."""
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line if line.endswith("\n") else line + "\n" for line in lines if kept(line)]
+    if keep != lines:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -202,6 +222,7 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_log(run_dir / "metrics.jsonl", start)
     log = (run_dir / "metrics.jsonl").open("a") if rank == 0 else None
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="training",
                disable=not progress or rank != 0)

@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import signal
@@ -47,6 +48,11 @@ def test_resume_after_sigkill_is_exact(tmp_path):
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=1e-6)
     for k, v in ref_ema.state_dict().items():
         torch.testing.assert_close(ema.state_dict()[k], v, rtol=0, atol=1e-6)
+    assert logged(run, "step") == list(range(5, 31, 5))  # no row twice
+
+
+def logged(run, key):
+    return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_same_weights(a, b):
@@ -83,6 +89,21 @@ def test_a_second_ctrl_c_stops_at_once_and_saves_nothing(tmp_path):
     assert type(err.value) is KeyboardInterrupt
     assert checkpoint.load(checkpoint.latest(tmp_path)).step == 5
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resuming_drops_the_log_rows_after_the_checkpoint(tmp_path):
+    """A kill after step 15 was logged but before it was saved, mid-way through writing a row: the resumed run
+    logs step 15 again, once, and the torn row goes."""
+    job(tmp_path / "ref", steps=20, micro=64)
+    run = tmp_path / "killed"
+    with pytest.raises(Interrupted):
+        job(run, steps=20, micro=64, ctrl_c_at=10)
+    rows = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    with (run / "metrics.jsonl").open("a") as log:
+        log.write(rows[2] + "\n" + rows[3][:20])
+    job(run, steps=20, micro=64)
+    assert logged(run, "step") == [5, 10, 15, 20]
+    assert logged(run, "loss") == logged(tmp_path / "ref", "loss")
 
 
 def test_a_checkpoint_damaged_in_place_is_skipped_and_resume_is_exact(tmp_path, damage):
