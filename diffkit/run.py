@@ -1,8 +1,15 @@
 """The jobs behind `diffkit train | sample | eval`: each reads or writes one run folder.
 
 A run folder holds config.yaml (the resolved config plus the data's shape and class count),
-checkpoints/, metrics.jsonl, loss_curve.png, samples.png and report.md. Training resumes when the folder
-already has checkpoints made with the same config (only train.steps may grow).
+checkpoints/, metrics.jsonl, loss_curve.png, samples.png and report.md.
+
+Resuming, one rule however a run stopped (Ctrl-C, a kill, a finished run given more steps): training in a
+folder with checkpoints continues from the newest intact one (one whose files fail their checksums is skipped
+with a warning that names it; sampling loads the same one). That checkpoint's config is the run's config
+(config.yaml is a copy for readers): the command's must equal it but for train.steps, else the error names
+the keys that differ. train.steps below the checkpoint's step is an error; another total continues under the
+learning-rate schedule of that total from the checkpoint's step on, and report.md says so. metrics.jsonl
+keeps only its rows up to the checkpoint's step. Ctrl-C saves a checkpoint of the step it stopped after.
 """
 from __future__ import annotations
 

@@ -5,6 +5,11 @@ generator seeded by (seed, e), and every random draw of micro-batch j at step s 
 label dropout, dropout) from one seeded by (seed, s, j), or (seed, s, j, p) in an objective's phase p > 0.
 So a resumed run repeats exactly what an uninterrupted one does, and a run on R processes (torchrun, DDP)
 processes the same micro-batches as one process with R times the gradient accumulation.
+
+Resuming (`resume_point`): from the newest intact checkpoint; metrics.jsonl keeps only the rows up to its
+step, since the steps after it are trained again. A train.steps other than the checkpoint's continues under
+the schedule of the new total; one below the checkpoint's step is an error. Ctrl-C (in a single process)
+finishes the current step, saves a checkpoint of it and raises `Interrupted`; a second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
