@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         return bench(args.name, args.args)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"diffkit {args.command}: {err}") from err
+    except KeyboardInterrupt as err:  # Ctrl-C: one line (training's says which step it saved), status 130
+        print(f"diffkit {args.command}: {str(err) or 'interrupted'}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

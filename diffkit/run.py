@@ -1,8 +1,15 @@
 """The jobs behind `diffkit train | sample | eval`: each reads or writes one run folder.
 
 A run folder holds config.yaml (the resolved config plus the data's shape and class count),
-checkpoints/, metrics.jsonl, loss_curve.png, samples.png and report.md. Training resumes when the folder
-already has checkpoints made with the same config (only train.steps may grow).
+checkpoints/, metrics.jsonl, loss_curve.png, samples.png and report.md.
+
+Resuming, one rule however a run stopped (Ctrl-C, a kill, a finished run given more steps): training in a
+folder with checkpoints continues from the newest intact one (one whose files fail their checksums is skipped
+with a warning that names it; sampling loads the same one). That checkpoint's config is the run's config
+(config.yaml is a copy for readers): the command's must equal it but for train.steps, else the error names
+the keys that differ. train.steps below the checkpoint's step is an error; another total continues under the
+learning-rate schedule of that total from the checkpoint's step on, and report.md says so. metrics.jsonl
+keeps only its rows up to the checkpoint's step. Ctrl-C saves a checkpoint of the step it stopped after.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ from diffkit.config import Config
 from diffkit.eval import metrics
 from diffkit.method import Method, Trained
 from diffkit.train import checkpoint
-from diffkit.train.loop import train
+from diffkit.train.loop import resume_point, train
 
 
 def _device() -> torch.device:
@@ -33,11 +40,11 @@ def _run_info(cfg: Config, x: torch.Tensor, n_classes: int) -> dict:
 
 
 def _latest(run_dir: str | Path) -> checkpoint.Checkpoint:
-    """A run's latest checkpoint; a folder without one is an error that says how to make it."""
-    found = checkpoint.latest(Path(run_dir))
+    """A run's newest intact checkpoint; a folder without one is an error that says how to make it."""
+    found = checkpoint.load_latest(Path(run_dir))
     if found is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoints: train it first with `diffkit train`")
-    return checkpoint.load(found)
+    return found
 
 
 def ema_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -45,16 +52,31 @@ def ema_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
     return _latest(run_dir).ema
 
 
-def _check_same_config(run_dir: Path, info: dict) -> None:
-    saved_file = run_dir / "config.yaml"
-    if not saved_file.exists():
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in d.items():
+        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
+def _check_same_config(run_dir: Path, ck: checkpoint.Checkpoint | None, info: dict) -> None:
+    """A run resumes only under the config of its checkpoint (config.yaml is a copy for readers, and the guard of
+    a run stopped before its first checkpoint); only train.steps may change."""
+    if ck is not None:
+        saved = ck.config
+    elif (run_dir / "config.yaml").exists():
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    else:
         return
-    saved = yaml.safe_load(saved_file.read_text())
-    for d in (saved, info):
-        d["config"]["train"].pop("steps", None)
-    if saved != info:
-        raise ValueError(f"{run_dir} holds a run made with a different config; pass a new --out folder "
-                         "(or the same config to resume; only train.steps may change)")
+    # Keys as they are written on the command line (train.lr), beside the data's shape and num_classes.
+    was, now = ({k.removeprefix("config."): v for k, v in _flat(d).items()} for d in (saved, info))
+    differ = [k for k in sorted(was.keys() | now.keys()) if k != "train.steps" and was.get(k) != now.get(k)]
+    if differ:
+        show = lambda d, k: d[k] if k in d else "unset"  # noqa: E731
+        raise ValueError(f"{run_dir} holds a run made with a different config ("
+                         + "; ".join(f"{k}: {show(was, k)} in the run, {show(now, k)} now" for k in differ)
+                         + "); pass a new --out folder (or the same config to resume; only train.steps may change)")
 
 
 def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
@@ -63,7 +85,8 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
     x, y = configs.dataset(cfg, "train")
     n_classes = configs.num_classes(cfg, y)
     info = _run_info(cfg, x, n_classes)
-    _check_same_config(run_dir, json.loads(json.dumps(info)))
+    resumed, length_changes = resume_point(run_dir, cfg.train)
+    _check_same_config(run_dir, resumed, json.loads(json.dumps(info)))
     torch.manual_seed(cfg.train.seed)
     shape = configs.sample_shape(cfg, x)
     denoiser = configs.model(cfg, shape, n_classes)
@@ -87,9 +110,13 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
     data = x[:shown, 0] if cfg.data.couples is not None else x[:shown]
     report.panels(run_dir / "samples.png", {"training data": data, "samples": samples}, title=title)
     facts = configs.describe(cfg)
-    report.atomic_write(run_dir / "report.md", "\n".join([
-        f"# Training run {run_dir.name}", "", report.table([facts], list(facts)), "",
-        "![loss](loss_curve.png)", "", f"![samples](samples.png) ({title})", ""]))
+    lines = [f"# Training run {run_dir.name}", "", report.table([facts], list(facts)), ""]
+    for c in length_changes:
+        how, total = "extended" if c["to_steps"] > c["from_steps"] else "shortened", c["to_steps"]
+        lines += [f"Run length {how} from {c['from_steps']} to {total} steps; the schedule is that of {total} steps "
+                  f"from step {c['at_step']} on.", ""]
+    lines += ["![loss](loss_curve.png)", "", f"![samples](samples.png) ({title})", ""]
+    report.atomic_write(run_dir / "report.md", "\n".join(lines))
     return run_dir
 
 

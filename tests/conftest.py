@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import diffkit
 from diffkit import analytic, paths
@@ -87,6 +88,19 @@ class HostReads(torch.overrides.TorchFunctionMode):
 @pytest.fixture
 def host_reads():
     return HostReads
+
+
+@pytest.fixture
+def damage():
+    """Overwrite the tensor bytes of a safetensors file in place with 0xff, its header intact: the file still
+    loads, as NaN (a checkpoint damaged on disk)."""
+    def overwrite(path: Path) -> None:
+        raw = bytearray(path.read_bytes())
+        header = 8 + int.from_bytes(raw[:8], "little")
+        raw[header:] = b"\xff" * (len(raw) - header)
+        path.write_bytes(bytes(raw))
+        assert all(v.isnan().all() for v in load_file(path).values())
+    return overwrite
 
 @contextlib.contextmanager
 def _single_thread():

@@ -1,8 +1,10 @@
 import json
+import signal
 
 import pytest
 
-from diffkit import cli, demo
+from diffkit import cli, demo, run
+from diffkit.train import checkpoint, loop
 
 
 def test_demo_fast_writes_every_promised_file(tmp_path):
@@ -35,3 +37,36 @@ def test_train_with_only_overrides_uses_the_default_config(tmp_path):
     assert cli.main(args) == 0
     saved = (out / "config.yaml").read_text()
     assert "steps: 2" in saved and "width: 16" in saved and "name: digits" in saved
+
+
+def test_ctrl_c_during_training_saves_the_step_and_exits_130(tmp_path, monkeypatch, capsys):
+    def train_with_ctrl_c_in_step_3(model, objective, *args, **kwargs):
+        calls = []
+
+        def pressing(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                signal.raise_signal(signal.SIGINT)
+            return objective(*a, **k)
+        return loop.train(model, pressing, *args, **kwargs)
+
+    monkeypatch.setattr(run, "train", train_with_ctrl_c_in_step_3)
+    out = tmp_path / "run"
+    args = ["train", "train.steps=6", "train.checkpoint_every=100", "model.args={width: 16, depth: 1}", "--out", str(out)]
+    with pytest.raises(SystemExit) as stop:
+        cli.main(args)
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "diffkit train: interrupted at step 3: checkpoint saved; run the same command to resume"
+    assert checkpoint.load(checkpoint.latest(out)).step == 3
+    monkeypatch.undo()
+    assert cli.main(args) == 0 and checkpoint.load(checkpoint.latest(out)).step == 6
+
+
+def test_ctrl_c_elsewhere_is_one_line_and_130(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run, "sample_run", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["sample", str(tmp_path)])
+    assert stop.value.code == 130 and capsys.readouterr().err == "diffkit sample: interrupted\n"

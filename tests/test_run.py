@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from diffkit import cli, data, generate, run
 from diffkit import config as configs
 from diffkit.eval import metrics
+from diffkit.train import checkpoint
 from diffkit.train.fast import FastDenoiser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def test_clear_errors(trained, tmp_path):
     cfg, folder = trained
     with pytest.raises(SystemExit, match="trained without labels"):
         cli.main(["sample", str(folder), "--label", "3", "--n", "2"])
-    with pytest.raises(SystemExit, match="different config"):
+    with pytest.raises(SystemExit, match=r"different config \(train.lr: 0.002 in the run, 0.1 now\); pass a new --out"):
         cli.main(["train", str(ROOT / "configs" / "checkerboard-fm.yaml"), *OVERRIDES, "train.lr=0.1", "--out", str(folder)])
     with pytest.raises(SystemExit, match="has no checkpoints"):
         cli.main(["sample", str(tmp_path)])
@@ -106,3 +107,51 @@ def test_outputs_are_named_by_what_made_them(trained):
             for n, seed in ((8, 0), (8, 1), (9, 0))}
     assert made == {"samples-euler-uniform_t-4nfe-n8-seed0", "samples-euler-uniform_t-4nfe-n8-seed1",
                     "samples-euler-uniform_t-4nfe-n9-seed0"}
+
+
+# --- resuming (run.py's module docstring states the rule) -----------------------------------------------------
+
+TINY = ["data.n=512", "model.args={width: 32, depth: 2}", "train.batch=64", "train.warmup=5", "train.log_every=1",
+        "train.checkpoint_every=10", "sample.steps=4"]
+
+
+def tiny(folder, *overrides):
+    run.train_run(configs.load(ROOT / "configs" / "checkerboard-fm.yaml", [*TINY, *overrides]), folder, progress=False)
+    return folder
+
+
+def test_resume_checks_the_checkpoints_config_and_names_what_differs(tmp_path):
+    folder = tiny(tmp_path / "run", "train.steps=10")
+    (folder / "config.yaml").unlink()  # the checkpoint's config still says what the run is
+    with pytest.raises(ValueError, match="different config [(]model.path: rectified_flow in the run, vp_linear now; "
+                                         "model.prediction: velocity in the run, eps now[)]; pass a new --out folder"):
+        tiny(folder, "train.steps=20", "model.path=vp_linear", "model.prediction=eps")
+    assert not (folder / "config.yaml").exists() and checkpoint.load(checkpoint.latest(folder)).step == 10
+
+
+def test_extending_a_run_follows_the_schedule_of_the_new_total(tmp_path):
+    def logged(folder):
+        return {r["step"]: r["lr"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())}
+
+    extended = tiny(tmp_path / "extended", "train.steps=30")
+    tiny(extended, "train.steps=60")
+    fresh = tiny(tmp_path / "fresh", "train.steps=60")
+    after = {s: lr for s, lr in logged(extended).items() if s > 30}
+    assert list(after) == list(range(31, 61)) and after == {s: logged(fresh)[s] for s in after}
+    assert ("Run length extended from 30 to 60 steps; the schedule is that of 60 steps from step 30 on."
+            in (extended / "report.md").read_text())
+    # Fewer steps than the checkpoint holds: refused, and the run's files stay as they were.
+    saved = (extended / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="checkpoint at step 60, past train.steps=20: use train.steps >= 60 to "
+                                         "resume it, or a new run folder"):
+        tiny(extended, "train.steps=20")
+    assert (extended / "config.yaml").read_text() == saved
+
+
+def test_load_run_falls_back_from_a_damaged_checkpoint(tmp_path, damage):
+    folder = tiny(tmp_path / "run", "train.steps=20")
+    damage(folder / "checkpoints" / "step-000000020" / "ema.safetensors")
+    with pytest.warns(UserWarning, match="step-000000020 is corrupt.*Using the newest good checkpoint, .*step-000000010"):
+        _, model, _, _ = run.load_run(folder)
+    good = checkpoint.load(folder / "checkpoints" / "step-000000010").ema
+    assert all(torch.equal(v.cpu(), good[k]) for k, v in model.state_dict().items())

@@ -5,11 +5,20 @@ generator seeded by (seed, e), and every random draw of micro-batch j at step s 
 label dropout, dropout) from one seeded by (seed, s, j), or (seed, s, j, p) in an objective's phase p > 0.
 So a resumed run repeats exactly what an uninterrupted one does, and a run on R processes (torchrun, DDP)
 processes the same micro-batches as one process with R times the gradient accumulation.
+
+Resuming (`resume_point`): from the newest intact checkpoint; metrics.jsonl keeps only the rows up to its
+step, since the steps after it are trained again. A train.steps other than the checkpoint's continues under
+the schedule of the new total; one below the checkpoint's step is an error. Ctrl-C (in a single process)
+finishes the current step, saves a checkpoint of it and raises `Interrupted`; a second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -80,6 +89,72 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training between two steps, after a checkpoint of the last one was saved."""
+
+
+def resume_point(run_dir: Path, settings: TrainSettings) -> tuple[checkpoint.Checkpoint | None, list[dict]]:
+    """The checkpoint training in run_dir resumes from (the newest intact one; None: a fresh start), and the
+    changes of train.steps the run has had, this one included, as {"at_step", "from_steps", "to_steps"}.
+
+    A run continued with another train.steps follows the learning-rate schedule of the new total (warm-up and
+    cosine) from the checkpoint's step on; a train.steps below that step is an error."""
+    ck = checkpoint.load_latest(run_dir)
+    if ck is None:
+        return None, []
+    if settings.steps < ck.step:
+        raise ValueError(f"{run_dir} holds a checkpoint at step {ck.step}, past train.steps={settings.steps}: use "
+                         f"train.steps >= {ck.step} to resume it, or a new run folder (--out)")
+    changes = ck.extra.get("length_changes", [])
+    before = ck.extra.get("settings", {}).get("steps", settings.steps)
+    if before != settings.steps:
+        changes = [*changes, {"at_step": ck.step, "from_steps": before, "to_steps": settings.steps}]
+    return ck, changes
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the rows of metrics.jsonl up to `step` (and no line torn by a kill): training resumed from `step`
+    logs the later ones again. Atomic: temp file + rename."""
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line if line.endswith("\n") else line + "\n" for line in lines if kept(line)]
+    if keep != lines:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _stop_between_steps(enabled: bool):
+    """Yield a list that a first Ctrl-C appends to, for the loop to stop after the current step (so the saved
+    checkpoint holds whole steps); a second Ctrl-C raises KeyboardInterrupt at once. Only where Ctrl-C would
+    raise KeyboardInterrupt anyway: the main thread, with Python's own handler."""
+    stop: list[bool] = []
+    if not enabled or threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop without it)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _check_labels(labels: Tensor | None, n: int, model: nn.Module) -> None:
     """Labels are checked once here, where the data enters: a net checks only their shape, since checking their
     values inside its forward would read them back to the host on every call."""
@@ -123,13 +198,12 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
     opts = optim.build(model, settings.optimizer, lr=settings.lr, muon_lr=settings.muon_lr,
                        weight_decay=settings.weight_decay, betas=(settings.adam_beta1, settings.adam_beta2))
     start, skipped_total = 0, 0
-    found = checkpoint.latest(run_dir)
-    if found is not None:
-        ck = checkpoint.load(found)
+    ck, length_changes = resume_point(run_dir, settings)
+    if ck is not None:
         model.load_state_dict(ck.model)
         ema.load_state_dict(ck.ema)
         if len(ck.optimizers) != len(opts):
-            raise ValueError(f"checkpoint {found} was written with another optimizer setting; use a new run folder")
+            raise ValueError(f"checkpoint {ck.path} was written with another optimizer setting; use a new run folder")
         for opt, state in zip(opts, ck.optimizers):
             opt.load_state_dict(state)
         start, skipped_total = ck.step, ck.extra.get("skipped_steps", 0)
@@ -144,7 +218,7 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
 
     def save(step: int) -> None:
         if rank == 0:
-            extra = {"skipped_steps": skipped_total, "settings": asdict(settings)}
+            extra = {"skipped_steps": skipped_total, "settings": asdict(settings), "length_changes": length_changes}
             checkpoint.save(run_dir, step, model={f"net.{k}": v for k, v in raw_net.state_dict().items()},
                             ema=ema.state_dict(), optimizers=[opt.state_dict() for opt in opts], extra=extra,
                             config=config or {}, keep=settings.keep)
@@ -153,72 +227,77 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_log(run_dir / "metrics.jsonl", start)
     log = (run_dir / "metrics.jsonl").open("a") if rank == 0 else None
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="training",
                disable=not progress or rank != 0)
     consecutive, t0 = 0, time.perf_counter()
-    for step in bar:
-        factor = optim.lr_factor(step, warmup=settings.warmup, total=settings.steps, cosine=settings.cosine)
-        for opt in opts:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * factor
-        idx = _batch_indices(step, settings.batch, len(x), settings.seed)
-        losses, norms, finite = [], [], True
-        for p, phase in enumerate(phases):
-            total = torch.zeros((), device=device)
-            phase_arg = {} if phase is None else {"phase": phase}
-            for k in range(accum):
-                j = rank * accum + k
-                chunk = idx[j * micro:(j + 1) * micro]
-                draws = (step, j) if p == 0 else (step, j, p)  # each phase draws afresh; phase 0 as without phases
-                torch.manual_seed(_seed(settings.seed, 2, *draws))  # dropout and any other global draws
-                gen = torch.Generator(device).manual_seed(_seed(settings.seed, 3, *draws))
-                cond = _to(labels[chunk], device) if labels is not None else None
-                # DDP syncs gradients on the last micro-batch only.
-                sync_ctx = model.net.no_sync() if world > 1 and k < accum - 1 else contextlib.nullcontext()
-                with sync_ctx:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        loss = objective(model, _to(x[chunk], device), cond, generator=gen, **ema_arg, **phase_arg)
-                        loss = loss.mean() / accum
-                    loss.backward()
-                total += loss.detach()
-            if world > 1:
-                dist.all_reduce(total)
-                total /= world
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            # A non-finite gradient skips the step as a non-finite loss does (a loss may mask NaN samples out).
-            # This flag is the one value a phase reads back from the device.
-            ok = bool(torch.isfinite(total + grad_norm))
-            if ok:
-                for opt in opts:
-                    opt.step()
+    # Under DDP every rank would have to agree on the step to stop at: Ctrl-C stops it as before.
+    with _stop_between_steps(world == 1) as stop, bar, log or contextlib.nullcontext():
+        for step in bar:
+            factor = optim.lr_factor(step, warmup=settings.warmup, total=settings.steps, cosine=settings.cosine)
             for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            losses.append(total)
-            norms.append(grad_norm)
-            finite = finite and ok
-        if finite:
-            consecutive = 0
-            ema.update(model, step + 1)
-        else:  # skip the step, keep count, stop after too many in a row
-            consecutive, skipped_total = consecutive + 1, skipped_total + 1
-            if consecutive >= settings.max_nonfinite:
-                raise NonFiniteLoss(f"{consecutive} non-finite losses in a row at step {step}; stopped. The last good "
-                                    f"checkpoint is {checkpoint.latest(run_dir)}. Lower the learning rate or check the data.")
-        if log is not None and consecutive == 0 and ((step + 1) % settings.log_every == 0 or step + 1 == settings.steps):
-            row = {"step": step + 1, "loss": sum(losses).item(), "lr": opts[0].param_groups[0]["lr"],
-                   "grad_norm": torch.stack(norms).norm().item(), "skipped_steps": skipped_total}
-            for name, phase_loss, phase_norm in zip(phases, losses, norms):
-                if name is not None:
-                    row |= {f"loss_{name}": phase_loss.item(), f"grad_norm_{name}": phase_norm.item()}
-            # Timed after the reads above, which wait for the device to finish the step.
-            row["samples_per_s"] = settings.batch * (step + 1 - start) / (time.perf_counter() - t0)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-            save(step + 1)
-    if log is not None:
-        log.close()
+                for group in opt.param_groups:
+                    group["lr"] = group["base_lr"] * factor
+            idx = _batch_indices(step, settings.batch, len(x), settings.seed)
+            losses, norms, finite = [], [], True
+            for p, phase in enumerate(phases):
+                total = torch.zeros((), device=device)
+                phase_arg = {} if phase is None else {"phase": phase}
+                for k in range(accum):
+                    j = rank * accum + k
+                    chunk = idx[j * micro:(j + 1) * micro]
+                    draws = (step, j) if p == 0 else (step, j, p)  # each phase draws afresh; phase 0 as without phases
+                    torch.manual_seed(_seed(settings.seed, 2, *draws))  # dropout and any other global draws
+                    gen = torch.Generator(device).manual_seed(_seed(settings.seed, 3, *draws))
+                    cond = _to(labels[chunk], device) if labels is not None else None
+                    # DDP syncs gradients on the last micro-batch only.
+                    sync_ctx = model.net.no_sync() if world > 1 and k < accum - 1 else contextlib.nullcontext()
+                    with sync_ctx:
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                            loss = objective(model, _to(x[chunk], device), cond, generator=gen, **ema_arg, **phase_arg)
+                            loss = loss.mean() / accum
+                        loss.backward()
+                    total += loss.detach()
+                if world > 1:
+                    dist.all_reduce(total)
+                    total /= world
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                # A non-finite gradient skips the step as a non-finite loss does (a loss may mask NaN samples out).
+                # This flag is the one value a phase reads back from the device.
+                ok = bool(torch.isfinite(total + grad_norm))
+                if ok:
+                    for opt in opts:
+                        opt.step()
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
+                losses.append(total)
+                norms.append(grad_norm)
+                finite = finite and ok
+            if finite:
+                consecutive = 0
+                ema.update(model, step + 1)
+            else:  # skip the step, keep count, stop after too many in a row
+                consecutive, skipped_total = consecutive + 1, skipped_total + 1
+                if consecutive >= settings.max_nonfinite:
+                    raise NonFiniteLoss(f"{consecutive} non-finite losses in a row at step {step}; stopped. The last "
+                                        f"good checkpoint is {checkpoint.latest(run_dir)}. Lower the learning rate or "
+                                        "check the data.")
+            last = step + 1 == settings.steps
+            if log is not None and consecutive == 0 and ((step + 1) % settings.log_every == 0 or last):
+                row = {"step": step + 1, "loss": sum(losses).item(), "lr": opts[0].param_groups[0]["lr"],
+                       "grad_norm": torch.stack(norms).norm().item(), "skipped_steps": skipped_total}
+                for name, phase_loss, phase_norm in zip(phases, losses, norms):
+                    if name is not None:
+                        row |= {f"loss_{name}": phase_loss.item(), f"grad_norm_{name}": phase_norm.item()}
+                # Timed after the reads above, which wait for the device to finish the step.
+                row["samples_per_s"] = settings.batch * (step + 1 - start) / (time.perf_counter() - t0)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if (step + 1) % settings.checkpoint_every == 0 or last or stop:
+                save(step + 1)
+            if stop:
+                raise Interrupted(f"interrupted at step {step + 1}: checkpoint saved; run the same command to resume")
     model.net = raw_net
     return ema

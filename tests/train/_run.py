@@ -1,5 +1,6 @@
 """A small training job run in a subprocess by the trainer tests (plain, under torchrun, or to be killed)."""
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,14 +16,20 @@ from diffkit.precond import Precond
 from diffkit.train.loop import TrainSettings, train
 
 
-def job(run_dir: Path, steps: int, micro: int, sleep: float = 0.0, optimizer: str = "adamw"):
+def job(run_dir: Path, steps: int, micro: int, sleep: float = 0.0, optimizer: str = "adamw",
+        ctrl_c_at: int | None = None):
+    """ctrl_c_at: the objective call during which Ctrl-C is pressed (a SIGINT to this process)."""
     torch.manual_seed(0)  # same initial weights everywhere
     path = paths.RectifiedFlow()
     model = Precond(MLP(2, width=64, depth=2), path, "velocity")
     objective = Denoising(path)
+    calls = []
 
     def slow(*args, **kw):
         time.sleep(sleep)
+        calls.append(1)
+        if len(calls) == ctrl_c_at:
+            signal.raise_signal(signal.SIGINT)
         return objective(*args, **kw)
 
     x = data.toy("checkerboard", 512, torch.Generator().manual_seed(0))

@@ -1,3 +1,4 @@
+import json
 import pickle
 
 import pytest
@@ -55,3 +56,35 @@ def test_no_pickle_is_ever_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", forbidden)
     monkeypatch.setattr(torch, "load", forbidden)
     assert checkpoint.load(path).step == 1
+
+
+def test_bytes_damaged_in_place_fail_their_checksum_and_the_previous_checkpoint_is_used(tmp_path, damage):
+    model, opt = sample_state()
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, model=model, ema=model, optimizers=[opt], extra={}, config={})
+    newest = checkpoint.latest(tmp_path)
+    damage(newest / "ema.safetensors")
+    with pytest.raises(ValueError, match="step-000000002 is corrupt or truncated: ema.safetensors does not match"):
+        checkpoint.load(newest)
+    with pytest.warns(UserWarning, match="step-000000002 is corrupt.* Using the newest good checkpoint, .*step-000000001"):
+        assert checkpoint.load_latest(tmp_path).step == 1
+    damage(tmp_path / "checkpoints" / "step-000000001" / "model.safetensors")
+    with pytest.raises(ValueError, match="no checkpoint of .* is intact: .*step-000000002.*step-000000001.*new run folder"):
+        checkpoint.load_latest(tmp_path)
+
+
+def test_checkpoints_written_before_checksums_still_load(tmp_path):
+    model, opt = sample_state()
+    path = checkpoint.save(tmp_path, 1, model=model, ema=model, optimizers=[opt], extra={}, config={})
+    assert set(json.loads((path / "checksums.json").read_text())) == {
+        "model.safetensors", "ema.safetensors", "state.safetensors", "config.yaml"}
+    (path / "checksums.json").unlink()
+    assert checkpoint.load_latest(tmp_path).step == 1
+
+
+def test_saving_a_step_drops_the_checkpoints_past_it(tmp_path):
+    """A run that resumed from step 1 (step 2 was bad) replaces what came after it as it goes."""
+    model, opt = sample_state()
+    for step in (1, 2, 1):
+        checkpoint.save(tmp_path, step, model=model, ema=model, optimizers=[opt], extra={}, config={})
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000000001"]

@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import signal
@@ -16,7 +17,7 @@ from diffkit.nets.mlp import MLP
 from diffkit.objectives import Denoising
 from diffkit.precond import Precond
 from diffkit.train import checkpoint, optim
-from diffkit.train.loop import NonFiniteLoss, TrainSettings, train
+from diffkit.train.loop import Interrupted, NonFiniteLoss, TrainSettings, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _run import job  # noqa: E402
@@ -47,6 +48,80 @@ def test_resume_after_sigkill_is_exact(tmp_path):
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=1e-6)
     for k, v in ref_ema.state_dict().items():
         torch.testing.assert_close(ema.state_dict()[k], v, rtol=0, atol=1e-6)
+    assert logged(run, "step") == list(range(5, 31, 5))  # no row twice
+
+
+def logged(run, key):
+    return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a, b):
+    for k, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[k], v), k
+
+
+def test_ctrl_c_saves_the_step_it_stopped_after_and_resumes_exactly(tmp_path):
+    ref_model, ref_ema = job(tmp_path / "ref", steps=12, micro=64)
+    run = tmp_path / "stopped"
+    # Ctrl-C during step 7 (checkpoints every 5): the step finishes, is saved, and the loop stops.
+    with pytest.raises(Interrupted, match="^interrupted at step 7: checkpoint saved; run the same command to resume$"):
+        job(run, steps=12, micro=64, ctrl_c_at=7)
+    assert checkpoint.load(checkpoint.latest(run)).step == 7
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    model, ema = job(run, steps=12, micro=64)
+    assert_same_weights(ref_model, model)
+    assert_same_weights(ref_ema, ema)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_saves_nothing(tmp_path):
+    calls = []
+
+    def pressed_twice_in_step_7(model, x0, cond=None, *, generator=None):
+        calls.append(1)
+        if len(calls) == 7:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return ((model(x0, torch.ones(len(x0))) - x0) ** 2).mean(1)
+
+    settings = TrainSettings(steps=12, batch=8, warmup=1, checkpoint_every=5)
+    with pytest.raises(KeyboardInterrupt) as err:
+        train(tiny_model(), pressed_twice_in_step_7, torch.randn(32, 2), None, settings, tmp_path, progress=False)
+    assert type(err.value) is KeyboardInterrupt
+    assert checkpoint.load(checkpoint.latest(tmp_path)).step == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resuming_drops_the_log_rows_after_the_checkpoint(tmp_path):
+    """A kill after step 15 was logged but before it was saved, mid-way through writing a row: the resumed run
+    logs step 15 again, once, and the torn row goes."""
+    job(tmp_path / "ref", steps=20, micro=64)
+    run = tmp_path / "killed"
+    with pytest.raises(Interrupted):
+        job(run, steps=20, micro=64, ctrl_c_at=10)
+    rows = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    with (run / "metrics.jsonl").open("a") as log:
+        log.write(rows[2] + "\n" + rows[3][:20])
+    job(run, steps=20, micro=64)
+    assert logged(run, "step") == [5, 10, 15, 20]
+    assert logged(run, "loss") == logged(tmp_path / "ref", "loss")
+
+
+def test_a_checkpoint_damaged_in_place_is_skipped_and_resume_is_exact(tmp_path, damage):
+    ref_model, _ = job(tmp_path / "ref", steps=15, micro=64)
+    run = tmp_path / "damaged"
+    job(run, steps=10, micro=64)
+    newest = checkpoint.latest(run)
+    damage(newest / "model.safetensors")
+    with pytest.warns(UserWarning, match="step-000000010 is corrupt.*Using the newest good checkpoint, .*step-000000005"):
+        model, _ = job(run, steps=15, micro=64)
+    assert_same_weights(ref_model, model)
+    assert checkpoint.load(newest).step == 10  # saved again, intact
+
+
+def test_train_steps_below_the_checkpoint_is_an_error(tmp_path):
+    job(tmp_path, steps=10, micro=64)
+    with pytest.raises(ValueError, match="checkpoint at step 10, past train.steps=5: use train.steps >= 10"):
+        job(tmp_path, steps=5, micro=64)
 
 
 def test_ddp_two_processes_match_one(tmp_path):
