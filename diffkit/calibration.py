@@ -45,7 +45,7 @@ def calibrate(run_dir: Path, model: torch.nn.Module, cfg: Config, shape: tuple[i
               label: int | None = None, progress: bool = True) -> dict:
     """Fit the grid of `steps` steps for `sampler` on n calibration draws and store it; returns its record."""
     if sampler in samplers.STOCHASTIC or sampler == "rk45":
-        raise ValueError(f"--grid calibrated is for deterministic fixed-grid samplers; {sampler!r} is not one "
+        raise ValueError(f"calibrated grids are for deterministic fixed-grid samplers; {sampler!r} is not one "
                          f"(choose one of euler, heun, dpmpp_2m, dpmpp_3m, unipc, multistep)")
     samplers.get(sampler)
     if steps < 1 or n < 1:

@@ -18,7 +18,7 @@ from diffkit import registry
 from diffkit.grids import NAMED as GRIDS
 
 BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py", "onestep": "onestep.py",
-              "throughput": "throughput.py", "likelihood": "likelihood.py"}
+              "throughput": "throughput.py", "likelihood": "likelihood.py", "bad_input": "bad_input.py"}
 
 
 def _benchmarks_dir() -> Path | None:
@@ -174,10 +174,12 @@ def main(argv: list[str] | None = None) -> int:
 
             record = run.calibrate_run(args.run, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
                                        guidance=args.guidance, label=args.label)
-            print(f"calibrated {record['sampler']} at {record['steps']} steps in {record['seconds']:.0f} s: median "
+            how = (f", label {record['label']}" if record["label"] is not None else "") + \
+                (f", guidance {record['guidance']:g}" if record["guidance"] is not None else "")
+            print(f"calibrated {record['sampler']} at {record['steps']} steps{how} in {record['seconds']:.0f} s: median "
                   f"error {record['calibration_error']:.4g} (the config's {record['config_grid']} grid: "
                   f"{record['config_grid_error']:.4g}); sample with --grid calibrated --sampler {record['sampler']} "
-                  f"--steps {record['steps']}")
+                  f"--steps {record['steps']}" + how.replace(", label ", " --label ").replace(", guidance ", " --guidance "))
             return 0
         if args.command in registry.commands():
             from diffkit import run

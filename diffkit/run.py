@@ -41,6 +41,8 @@ def _run_info(cfg: Config, x: torch.Tensor, n_classes: int) -> dict:
 
 def _latest(run_dir: str | Path) -> checkpoint.Checkpoint:
     """A run's newest intact checkpoint; a folder without one is an error that says how to make it."""
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} not found")
     found = checkpoint.load_latest(Path(run_dir))
     if found is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoints: train it first with `diffkit train`")

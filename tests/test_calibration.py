@@ -67,7 +67,7 @@ def test_missing_grid_names_the_command_to_run(flow_run):
 
 
 def test_calibrate_refuses_what_it_cannot_calibrate(flow_run):
-    with pytest.raises(SystemExit, match="deterministic fixed-grid sampler"):
+    with pytest.raises(SystemExit, match="calibrated grids are for deterministic fixed-grid samplers"):
         cli.main(["calibrate", str(flow_run), "--sampler", "ddpm", "--steps", "4"])
     with pytest.raises(SystemExit, match="unknown sampler"):
         cli.main(["calibrate", str(flow_run), "--sampler", "dpmpp2m", "--steps", "4"])

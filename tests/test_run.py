@@ -93,6 +93,8 @@ def test_clear_errors(trained, tmp_path):
         cli.main(["train", str(ROOT / "configs" / "checkerboard-fm.yaml"), *OVERRIDES, "train.lr=0.1", "--out", str(folder)])
     with pytest.raises(SystemExit, match="has no checkpoints"):
         cli.main(["sample", str(tmp_path)])
+    with pytest.raises(SystemExit, match="run folder .*nope not found"):
+        cli.main(["sample", str(tmp_path / "nope")])
     with pytest.raises(SystemExit, match="unknown sampler"):
         cli.main(["sample", str(folder), "--sampler", "eulr", "--n", "2"])
     before = (folder / "report.md").read_text()
