@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 
 import pytest
@@ -70,3 +71,11 @@ def test_ctrl_c_elsewhere_is_one_line_and_130(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["sample", str(tmp_path)])
     assert stop.value.code == 130 and capsys.readouterr().err == "diffkit sample: interrupted\n"
+
+
+def test_progress_bars_update_rarely_when_stderr_is_a_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    monkeypatch.setattr("sys.stderr", open(tmp_path / "log", "w"))  # not a terminal
+    cli.main(["train", "train.steps=1", "train.checkpoint_every=1", "model.args={width: 8, depth: 1}", "--out",
+              str(tmp_path / "run")])
+    assert os.environ["TQDM_MININTERVAL"] == "30"
