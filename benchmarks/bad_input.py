@@ -197,8 +197,8 @@ def cases(tmp: Path) -> list[tuple[str, object]]:
         ("sample a run folder that does not exist", lambda: cli.main(["sample", str(tmp / "nope")])),
         ("rk45 on a batch with one NaN row", rk45_nan),
         ("train model.net=unet (the default config's other nets)", lambda: cli.main(
-            ["train", "model.net=unet", "model.args={channels: 32, channel_mult: [1, 2], attn_resolutions: []}",
-             "train.steps=2", "train.checkpoint_every=2", "--out", str(tmp / "unet")])),
+            ["train", "model.net=unet", "train.steps=2", "train.batch=8", "train.checkpoint_every=2", "--out",
+             str(tmp / "unet")])),
         ("eval --grid calibrated with no grid calibrated", lambda: cli.main(
             ["eval", str(cb), "--grid", "calibrated", "--sampler", "dpmpp_2m", "--steps", "5", "--n", "8"])),
         ("calibrate --sampler ddpm (stochastic)", lambda: cli.main(["calibrate", str(cb), "--sampler", "ddpm"])),

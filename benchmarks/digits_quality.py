@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads((folder / "metrics.json").read_text())
         cfg = run.load_run(folder)[0]
         n, sweep = result["n_samples"], [(s, g, nfe) for nfe in SWEEP_NFES for s, g in SWEEP] + [("heun", "karras", 9)]
+        done = {(r["sampler"], r["grid"], r["nfe"]) for r in result["samples"]}
         t0 = time.perf_counter()
-        for sampler, grid, nfe in sweep:
+        for sampler, grid, nfe in (row for row in sweep if row not in done):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FewStepWarning)  # heun at 9 NFE is measured on purpose
                 x, used = demo.sample(folder, sampler, grid, nfe, n, 0)

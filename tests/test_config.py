@@ -116,3 +116,5 @@ def test_model_args_are_checked_against_the_net(tmp_path):
         config.model(cfg, (1, 8, 8), 0)
     unet = config.load(None, ["model.net=unet", "model.args={channels: 32, channel_mult: [1, 2], attn_resolutions: []}"])
     assert type(config.model(unet, (1, 8, 8), 0).net).__name__ == "UNet"  # the MLP's args no longer leak into it
+    plain = config.load(None, ["model.net=unet"])  # its own defaults, attention at half the image side
+    assert type(config.model(plain, (1, 8, 8), 0).net).__name__ == "UNet"

@@ -96,12 +96,14 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int | None = None, *, channels: int = 128,
                  channel_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
-                 attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1, num_classes: int = 0,
+                 attn_resolutions: tuple[int, ...] | None = None, dropout: float = 0.1, num_classes: int = 0,
                  extra_scalars: int = 0, image_size: int = 32, num_groups: int = 32, head_channels: int = 64):
         super().__init__()
         self.in_channels, self.factor = in_channels, 2 ** (len(channel_mult) - 1)
         widths = [channels * m for m in channel_mult]
         resolutions = [image_size // 2**i for i in range(len(channel_mult))]
+        if attn_resolutions is None:  # DDPM's choice, attention at 16x16 of 32x32 images: at half the image side
+            attn_resolutions = (image_size // 2,)
         if image_size % self.factor:
             raise ValueError(f"image_size {image_size} must be divisible by 2^(len(channel_mult) - 1) = {self.factor}: "
                              "pad the images or use fewer levels in channel_mult")
