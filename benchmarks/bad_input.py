@@ -26,6 +26,8 @@ import traceback
 import warnings
 from pathlib import Path
 
+import yaml
+
 from diffkit import cli, report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +91,9 @@ def cases(tmp: Path) -> list[tuple[str, object]]:
             broken = copy(cb, name)
             (broken / "config.yaml").write_bytes(text)
             cli.main([*flow, "--out", str(broken)])
-            return "resumed under the checkpoint's config, which replaced config.yaml"
+            restored = "train" in (yaml.safe_load((broken / "config.yaml").read_text()) or {}).get("config", {})
+            return "resumed under the checkpoint's config" + (", which replaced config.yaml" if restored else
+                                                              "; config.yaml left as it was")
         return fn
 
     def resume(steps: int, name: str):
