@@ -162,7 +162,7 @@ def validate(cfg: Config) -> Config:
     t, s, m, o, d = cfg.train, cfg.sample, cfg.model, cfg.objective, cfg.data
     if t.micro_batch is not None and not 1 <= t.micro_batch <= t.batch:
         raise ValueError(f"train.micro_batch must be in [1, train.batch = {t.batch}] (or null), got {t.micro_batch}")
-    for key, ok, rule in (("train.lr", t.lr > 0, "> 0"), ("train.warmup", t.warmup >= 0, ">= 0"),
+    for key, ok, rule in (("train.lr", t.lr >= 0, ">= 0"), ("train.warmup", t.warmup >= 0, ">= 0"),
                           ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1)"),
                           ("train.ema_rampup", t.ema_rampup >= 0, ">= 0"), ("train.grad_clip", t.grad_clip > 0, "> 0"),
                           ("objective.label_dropout", 0 <= o.label_dropout < 1, "in [0, 1)"),
@@ -176,7 +176,6 @@ def validate(cfg: Config) -> Config:
     _choice(m.path, list(PATHS), "model.path")
     _choice(m.prediction, [*PREDICTIONS, "edm"], "model.prediction")
     _choice(m.net, list(_nets()), "model.net")
-    _choice(o.name, list(registry.METHODS), "objective.name")
     _choice(s.grid, list(grids.NAMED), "sample.grid")
     if not registry.get(o.name).samplers:
         try:

@@ -78,7 +78,7 @@ BAD = [  # (overrides, what the message must say): each refused when the config 
     (["data.n=0"], "data.n must be a positive integer"),
     (["train.precision=fp16"], "fp16 is not supported"),
     (["train.micro_batch=1000"], "train.micro_batch must be in"),
-    (["train.lr=0"], "train.lr must be > 0"),
+    (["train.lr=-1e-3"], "train.lr must be >= 0"),
     (["train.steps.x=1"], "train.steps must be an integer"),
     (["data.name=checkerboard", "data.conditional=true"], "the checkerboard toy has none"),
     (["data.name=folder"], "needs data.source"),
