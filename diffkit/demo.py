@@ -55,6 +55,7 @@ def main(out: Path, *, seed: int = 0, fast: bool = False, progress: bool = True)
         f"Real-data floor (train split vs held-out split): Fréchet distance {floor['digits_fd']:.3f}, "
         f"KID {floor['digits_kid']:.4f}.", "",
         report.table(rows, ["sampler", "grid", "nfe", "digits_fd", "digits_kid"]), "",
+        *(f"Note: {line}." for line in run.notes({**floor, **{k: min(r[k] for r in rows) for k in floor}}, n)), "",
         "The calibrated grids were fitted to this model by `diffkit calibrate` (stored in grids/).", "",
         "![samples](samples.png)", "", "![loss](loss_curve.png)", ""]))
     return run_dir
