@@ -5,7 +5,7 @@ from diffkit import paths
 from diffkit.data import digits
 from diffkit.nets.dit import DiT, sincos_2d
 
-from _fit import perturbed, overfit_losses  # tests/nets/_fit.py
+from _fit import check_labels, perturbed, overfit_losses  # tests/nets/_fit.py
 
 TINY = dict(width=32, depth=2, heads=4)
 SETUPS = [(paths.VPLinear(), "eps"), (paths.RectifiedFlow(), "velocity"), (paths.EDM(), "edm")]
@@ -49,15 +49,7 @@ def test_position_embedding_is_2d_sincos():
 
 
 def test_labels_change_the_output_and_are_checked():
-    net = perturbed(DiT(8, 1, num_classes=10, **TINY))
-    x, c = torch.randn(3, 1, 8, 8), torch.rand(3)
-    assert not torch.allclose(net(x, c, torch.tensor([0, 1, 2])), net(x, c, None))
-    assert torch.equal(net(x, c, torch.full((3,), 10)), net(x, c, None))  # index num_classes = no label
-    for bad in (torch.tensor([0.0, 1.0, 2.0]), torch.tensor([[0], [1], [2]])):  # values: checked by train.loop
-        with pytest.raises(ValueError, match=r"\(3,\) integers in \[0, 10\]"):
-            net(x, c, bad)
-    with pytest.raises(ValueError, match="unconditional"):
-        DiT(8, 1, **TINY)(x, c, torch.tensor([0, 1, 2]))
+    check_labels(lambda **kw: DiT(8, 1, **TINY, **kw))
 
 
 def test_extra_scalars_change_the_output_and_are_required():

@@ -7,7 +7,7 @@ from diffkit import paths
 from diffkit.data import digits
 from diffkit.nets.unet import UNet
 
-from _fit import perturbed, overfit_losses  # tests/nets/_fit.py
+from _fit import check_labels, perturbed, overfit_losses  # tests/nets/_fit.py
 
 TINY = dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), image_size=8,
             num_groups=4, head_channels=8, dropout=0.0)
@@ -25,15 +25,7 @@ def test_output_shape_and_zero_at_init(cin, cout, h, w):
 
 
 def test_labels_change_the_output_and_are_checked():
-    net = perturbed(UNet(1, num_classes=10, **TINY))
-    x, c = torch.randn(3, 1, 8, 8), torch.rand(3)
-    assert not torch.allclose(net(x, c, torch.tensor([0, 1, 2])), net(x, c, None))
-    assert torch.equal(net(x, c, torch.full((3,), 10)), net(x, c, None))  # index num_classes = no label
-    for bad in (torch.tensor([0.0, 1.0, 2.0]), torch.tensor([[0], [1], [2]])):  # values: checked by train.loop
-        with pytest.raises(ValueError, match=r"\(3,\) integers in \[0, 10\]"):
-            net(x, c, bad)
-    with pytest.raises(ValueError, match="unconditional"):
-        UNet(1, **TINY)(x, c, torch.tensor([0, 1, 2]))
+    check_labels(lambda **kw: UNet(1, **TINY, **kw))
 
 
 def test_extra_scalars_change_the_output_and_are_required():
