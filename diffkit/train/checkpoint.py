@@ -70,8 +70,11 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):  # hashlib.file_digest needs Python 3.11; we support 3.10
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save(run_dir: Path, step: int, *, model: dict, ema: dict, optimizers: list[dict], extra: dict, config: dict,
