@@ -21,7 +21,7 @@ import torch
 from diffkit import generate, report, samplers
 from diffkit.config import Config
 from diffkit.grids import check_grid
-from diffkit.samplers.calibrate import calibrated_grid
+from diffkit.samplers.calibrate import calibrated_grid, check_sampler
 from diffkit.samplers.noise import GaussianNoise
 
 CALIBRATION_INDEX = 10**9  # first per-sample noise index of the calibration batch
@@ -44,10 +44,7 @@ def calibrate(run_dir: Path, model: torch.nn.Module, cfg: Config, shape: tuple[i
               step: int, sampler: str, steps: int, n: int = 256, seed: int = 0, guidance: float | None = None,
               label: int | None = None, progress: bool = True) -> dict:
     """Fit the grid of `steps` steps for `sampler` on n calibration draws and store it; returns its record."""
-    if sampler in samplers.STOCHASTIC or sampler == "rk45":
-        raise ValueError(f"calibrated grids are for deterministic fixed-grid samplers; {sampler!r} is not one "
-                         f"(choose one of euler, heun, dpmpp_2m, dpmpp_3m, unipc, multistep)")
-    samplers.get(sampler)
+    check_sampler(sampler)  # before the rk45 reference, the costly part
     if steps < 1 or n < 1:
         raise ValueError(f"--steps and --n must be positive, got {steps} and {n}")
     generate.check_labels(label, guidance, n_classes)

@@ -61,6 +61,16 @@ def resample(sigmas: Tensor, steps: int) -> Tensor:
     return torch.tensor(np.concatenate([new, [0.0]]), dtype=torch.float64)
 
 
+def check_sampler(sampler: str) -> None:
+    """A ValueError unless `sampler` is a deterministic fixed-grid sampler, the kind a grid can be fitted for."""
+    from diffkit.samplers import STOCHASTIC, get
+
+    get(sampler)  # an unknown name: nearest-name error
+    if sampler in STOCHASTIC or sampler == "rk45":
+        raise ValueError(f"calibrated grids are for deterministic fixed-grid samplers; {sampler!r} is not one "
+                         "(choose one of euler, heun, dpmpp_2m, dpmpp_3m, unipc, multistep)")
+
+
 def calibrated_grid(denoiser: Denoiser, x: Tensor, sigma_max: float, steps: int, *, sampler: str = "dpmpp_2m",
                     options: dict | None = None, reference: Tensor | None = None, init: Tensor | None = None,
                     family_evals: int = 60, max_evals: int | None = None, rtol: float = 1e-6) -> tuple[Tensor, dict]:
@@ -72,10 +82,9 @@ def calibrated_grid(denoiser: Denoiser, x: Tensor, sigma_max: float, steps: int,
     grid). family_evals, max_evals: sampler runs for stage 1's Nelder-Mead and stage 2's Powell (default
     60 per step; 0 skips stage 2). Returns (grid, info): the errors of the stages, sampler runs and seconds.
     """
-    from diffkit.samplers import STOCHASTIC, get
+    from diffkit.samplers import get
 
-    if sampler in STOCHASTIC or sampler == "rk45":
-        raise ValueError(f"calibration needs a deterministic fixed-grid sampler; {sampler!r} is not one")
+    check_sampler(sampler)
     t0, run = time.perf_counter(), partial(get(sampler), **(options or {}))
     if reference is None:
         reference = ode.rk45(denoiser, x, torch.tensor([sigma_max, 1e-4, 0.0], dtype=torch.float64), rtol=rtol, atol=rtol)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from diffkit import analytic, grids, samplers
@@ -41,3 +42,12 @@ def test_resample_keeps_the_shape_in_log_sigma():
     grids.check_grid(coarse)
     torch.testing.assert_close(coarse[:-1], grid[:-1:2])  # every other level of the 9-step grid
     torch.testing.assert_close(resample(grid, 9), grid, rtol=1e-12, atol=0)
+
+
+def test_only_deterministic_fixed_grid_samplers_calibrate():
+    gmm = analytic.ring()
+    for name in ("ddpm", "euler_maruyama", "rk45"):
+        with pytest.raises(ValueError, match="deterministic fixed-grid samplers"):
+            calibrated_grid(gmm, torch.zeros(4, 2, dtype=torch.float64), 80.0, 3, sampler=name, reference=torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="unknown sampler"):
+        calibrated_grid(gmm, torch.zeros(4, 2, dtype=torch.float64), 80.0, 3, sampler="dpmpp2m")
