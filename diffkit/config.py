@@ -28,9 +28,10 @@ from diffkit.train.loop import TrainSettings
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # a toy name, "digits", "folder" or "hf"
+    name: str = "digits"  # a toy name, "digits", "photos", "folder" or "hf"
     source: str | None = None  # folder path or Hugging Face dataset name
-    size: int | None = None  # image side for folder / hf
+    size: int | None = None  # image side for folder / hf; patch side for photos (default 32)
+    stride: int | None = None  # photos: the patches' stride (default: their side, no overlap)
     channels: int = 3
     n: int = 20000  # points drawn for a toy
     conditional: bool = False  # train with labels (and label dropout for guidance)
@@ -182,10 +183,13 @@ def validate(cfg: Config) -> Config:
             samplers.get(s.sampler)
         except ValueError as err:
             raise ValueError(f"sample.sampler: {err}") from None
-    _choice(d.name, ["digits", "folder", "hf", *datasets.TOYS], "data.name")
-    if d.name in datasets.TOYS and d.conditional and d.couples is None:
-        raise ValueError(f"data.conditional=true needs labels; the {d.name} toy has none (use digits, or a folder "
+    _choice(d.name, ["digits", "photos", "folder", "hf", *datasets.TOYS], "data.name")
+    if d.name in (*datasets.TOYS, "photos") and d.conditional and d.couples is None:
+        raise ValueError(f"data.conditional=true needs labels; {d.name} has none (use digits, or a folder "
                          "with one sub-folder per class)")
+    for key in ("size", "stride"):
+        if getattr(d, key) is not None and getattr(d, key) < 1:
+            raise ValueError(f"data.{key} must be a positive integer (or null), got {getattr(d, key)}")
     if d.name in ("folder", "hf") and (d.source is None or d.size is None):
         raise ValueError(f"data.name={d.name} needs data.source (the {'folder' if d.name == 'folder' else 'dataset'}) "
                          "and data.size (the image side in pixels)")
@@ -246,7 +250,7 @@ def to_dict(cfg: Config) -> dict:
 def dataset(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
     """The training (or held-out 'test') data: images (N, C, H, W) in [-1, 1] or vectors (N, d).
 
-    Digits have a fixed split; toys draw the held-out points with another seed; image folders hold out about 1
+    Digits have a fixed split; photos split by photo (data.PHOTOS); toys draw the held-out points with another seed; image folders hold out about 1
     in 10 files by a hash of their path (data.held_out); Hugging Face datasets use their own splits.
     With data.couples the training split is reflow's (N, 2, ...) [sample, noise] couples; the held-out split
     stays the real data of data.name, so reflowed models are scored against what the teacher learned.
@@ -259,6 +263,8 @@ def dataset(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tens
         x, y = datasets.digits(split)
     elif d.name in datasets.TOYS:
         x, y = datasets.toy(d.name, d.n, torch.Generator().manual_seed(0 if split == "train" else 1)), None
+    elif d.name == "photos":
+        x, y = datasets.photos(split, size=d.size or 32, stride=d.stride, channels=d.channels), None
     elif d.name == "folder":
         x, y = datasets.image_folder(d.source, d.size, channels=d.channels, split=split)
         if d.conditional and y is None:
@@ -267,11 +273,11 @@ def dataset(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tens
     elif d.name == "hf":
         x, y = datasets.hf_dataset(d.source, d.size, split=split, channels=d.channels)
     else:
-        raise ValueError(f"unknown data.name {d.name!r}; use digits, folder, hf or a toy: {', '.join(datasets.TOYS)}")
+        raise ValueError(f"unknown data.name {d.name!r}; use digits, photos, folder, hf or a toy: {', '.join(datasets.TOYS)}")
     return x, (y if d.conditional else None)
 
 
-LEVELS = {"digits": 17, "folder": 256, "hf": 256}  # integer levels of each image source (pixel values 0..16, 8-bit)
+LEVELS = {"digits": 17, "photos": 256, "folder": 256, "hf": 256}  # integer levels of each image source (pixel values 0..16, 8-bit)
 
 
 def levels(cfg: Config) -> int | None:

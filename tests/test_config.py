@@ -80,7 +80,7 @@ BAD = [  # (overrides, what the message must say): each refused when the config 
     (["train.micro_batch=1000"], "train.micro_batch must be in"),
     (["train.lr=-1e-3"], "train.lr must be >= 0"),
     (["train.steps.x=1"], "train.steps must be an integer"),
-    (["data.name=checkerboard", "data.conditional=true"], "the checkerboard toy has none"),
+    (["data.name=checkerboard", "data.conditional=true"], "checkerboard has none"),
     (["data.name=folder"], "needs data.source"),
     (["model.path=vp"], "unknown model.path 'vp'"),
     (["train.cosine=1"], "train.cosine must be true or false"),
