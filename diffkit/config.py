@@ -36,11 +36,12 @@ class DataConfig:
     n: int = 20000  # points drawn for a toy
     conditional: bool = False  # train with labels (and label dropout for guidance)
     couples: str | None = None  # reflow: train on the (noise, sample) couples in this folder instead
+    tokenizer: str | None = None  # latent diffusion: train on the latents of this tokenizer run (diffkit.latent)
 
 
 @dataclass
 class ModelConfig:
-    net: str = "mlp"  # mlp | unet | dit (denoiser backbones) | tarflow (a flow)
+    net: str = "mlp"  # mlp | unet | dit (denoiser backbones) | tarflow (a flow) | autoencoder (a tokenizer)
     args: dict = field(default_factory=dict)  # the net's keyword arguments; {} = its own defaults
     path: str = "edm"  # vp_linear | vp_cosine | ve | edm | rectified_flow
     shift: float = 1.0  # log-SNR shift scale (Shifted path) when != 1
@@ -51,7 +52,7 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "denoising"  # a method of diffkit.registry: denoising | shortcut | reflow | sid
+    name: str = "denoising"  # a method of diffkit.registry: denoising | shortcut | reflow | sid | tarflow | tokenizer
     args: dict = field(default_factory=dict)  # the method's own options (its objective's keyword arguments)
     density: str = "lognormal"  # uniform | lognormal | logit_normal
     density_args: dict = field(default_factory=dict)
@@ -293,13 +294,14 @@ def sample_shape(cfg: Config, x: torch.Tensor) -> tuple[int, ...]:
 def _nets() -> dict[str, tuple[type, Callable[[tuple[int, ...]], dict]]]:
     """model.net -> (network class, its data-shape arguments for a sample of a given shape)."""
     from diffkit.flows.tarflow import TarFlow
+    from diffkit.nets.autoencoder import Autoencoder
     from diffkit.nets.dit import DiT
     from diffkit.nets.mlp import MLP
     from diffkit.nets.unet import UNet
 
     image = lambda shape: {"in_channels": shape[0], "image_size": shape[-1]}  # noqa: E731
     return {"mlp": (MLP, lambda shape: {"dim": math.prod(shape)}), "unet": (UNet, image), "dit": (DiT, image),
-            "tarflow": (TarFlow, lambda shape: {"data_shape": shape})}
+            "tarflow": (TarFlow, lambda shape: {"data_shape": shape}), "autoencoder": (Autoencoder, image)}
 
 
 def num_classes(cfg: Config, labels: torch.Tensor | None) -> int:
@@ -354,5 +356,10 @@ def objective(cfg: Config, n_classes: int, teacher: Precond | None = None) -> Ca
 
 def describe(cfg: Config) -> dict[str, Any]:
     """The facts a reader of a report needs, in one line each."""
-    facts = {"data": cfg.data.name, "net": cfg.model.net, "path": cfg.model.path, "prediction": cfg.model.prediction}
-    return {**facts, **registry.get(cfg.objective.name).facts(cfg), "steps": cfg.train.steps}
+    method = registry.get(cfg.objective.name)
+    facts = {"data": cfg.data.name, "net": cfg.model.net}
+    if method.generates:  # a codec has no noise path
+        facts |= {"path": cfg.model.path, "prediction": cfg.model.prediction}
+    if cfg.data.tokenizer is not None:
+        facts["latents of"] = cfg.data.tokenizer
+    return {**facts, **method.facts(cfg), "steps": cfg.train.steps}
