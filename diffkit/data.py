@@ -6,6 +6,7 @@ model code.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from pathlib import Path
@@ -108,6 +109,12 @@ def photo(name: str) -> Tensor:
     """One bundled photograph as (3, H, W) float32 in [-1, 1] (PHOTOS names them)."""
     if name not in {n for names in PHOTOS.values() for n in names}:
         raise ValueError(f"unknown photo {name!r}; the bundled photos are {PHOTOS}")
+    return torch.from_numpy(_photo_pixels(name)).permute(2, 0, 1) / 127.5 - 1
+
+
+@functools.lru_cache(maxsize=None)
+def _photo_pixels(name: str) -> np.ndarray:
+    """The photo's (H, W, 3) pixel values, decoded once per process (private: photo() returns a new tensor)."""
     if name in ("china", "flower"):
         from sklearn.datasets import load_sample_image
 
@@ -120,7 +127,7 @@ def photo(name: str) -> Tensor:
                               "pip install 'diffkit[photos]'") from err
         arr = getattr(skimage.data, name)()
         arr = arr[0] if isinstance(arr, tuple) else arr  # stereo_motorcycle: (left, right, disparity)
-    return torch.from_numpy(np.array(arr, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    return np.array(arr, dtype=np.float32)
 
 
 def photos(split: str = "train", *, size: int = 32, stride: int | None = None, channels: int = 3) -> Tensor:
