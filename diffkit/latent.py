@@ -14,7 +14,7 @@ The latents are the encoder's output before quantization; decoding quantizes fir
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -66,18 +66,21 @@ _SCALES: dict[str, float] = {}
 
 
 def scale(cfg: Config) -> float:
-    """The factor that maps the tokenizer's latents of the run's training data to standard deviation sigma_data."""
+    """The factor that maps the tokenizer's latents of the run's training images to standard deviation sigma_data
+    (for a reflow run, of the real images its teacher trained on)."""
     model, _, step = tokenizer(cfg.data.tokenizer)
-    key = json.dumps([str(Path(cfg.data.tokenizer).resolve()), step, asdict(cfg.data), cfg.model.sigma_data])
+    real = replace(cfg, data=replace(cfg.data, couples=None))  # a reflow run keeps its teacher's scale
+    key = json.dumps([str(Path(cfg.data.tokenizer).resolve()), step, asdict(real.data), cfg.model.sigma_data])
     if key not in _SCALES:
-        x, _ = configs.dataset(cfg, "train")
+        x, _ = configs.dataset(real, "train")
         _SCALES[key] = cfg.model.sigma_data / _encode(model, x).double().std().item()
     return _SCALES[key]
 
 
 def encode(cfg: Config, x: Tensor) -> Tensor:
-    """What the run trains on: images x (N, C, H, W) as scaled latents, or x itself when data.tokenizer is unset."""
-    if cfg.data.tokenizer is None:
+    """What the run trains on: images x (N, C, H, W) as scaled latents; x itself when data.tokenizer is unset, or
+    for reflow couples (data.couples), which the teacher drew in its latent space."""
+    if cfg.data.tokenizer is None or cfg.data.couples is not None:
         return x
     model, shape, _ = tokenizer(cfg.data.tokenizer)
     if tuple(x.shape[1:]) != shape:

@@ -81,6 +81,12 @@ def _check_same_config(run_dir: Path, ck: checkpoint.Checkpoint | None, info: di
                          + "); pass a new --out folder (or the same config to resume; only train.steps may change)")
 
 
+def _reference(cfg: Config, x: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n training images of a run: its data, or a reflow run's teacher samples (the couples), decoded
+    when the teacher is a latent run."""
+    return latent.decode(cfg, x[:n, 0]) if cfg.data.couples is not None else x[:n]
+
+
 def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
     """Train cfg in run_dir (resuming if it has checkpoints), then write samples (a codec's reconstructions), loss
     curve and report. A latent run (data.tokenizer) trains on the tokenizer's latents of the data."""
@@ -110,7 +116,7 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
         return run_dir  # under DDP, rank 0 alone writes the run's pictures and report
     report.loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     shown = 64 if len(shape) > 1 else 2000  # an image grid, or enough points to see a 2-D distribution
-    data = images[:shown, 0] if cfg.data.couples is not None else images[:shown]
+    data = _reference(cfg, images, shown)
     if method.generates:
         samples, nfe = generate.sample(ema.model, cfg, shape, shown, n_classes=n_classes, progress=progress)
         title = f"{generate.sampler_name(cfg, None)}, {nfe} NFE, EMA weights after {cfg.train.steps} steps"
@@ -244,7 +250,7 @@ def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, s
                              progress=progress)
     scores = evaluate(cfg, x)
     train_x, _ = configs.dataset(cfg, "train")
-    floor = evaluate(cfg, train_x[:n, 0] if cfg.data.couples is not None else train_x[:n])
+    floor = evaluate(cfg, _reference(cfg, train_x, n))
     result = {"sampler": name, "grid": grid or cfg.sample.grid, "nfe": nfe, "n": n, "seed": seed, "fast": fast,
               **scores, "real_data_floor": floor, "notes": notes(scores, n)}
     report.atomic_write(Path(run_dir) / (output_name("eval", cfg, name, grid, nfe, n=n, seed=seed, fast=fast) + ".json"),

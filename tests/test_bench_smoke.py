@@ -41,3 +41,16 @@ def test_onestep_benchmark_quick_writes_results(tmp_path):
         assert meta["sigmas"] == pytest.approx(sigmas.tolist())
     assert data["straightness"]["teacher"] > 0 and "Straightness" in (tmp_path / "onestep.md").read_text()
     assert (tmp_path / "onestep.md").exists() and (tmp_path / "onestep-checkerboard.png").exists()
+
+
+def test_tokenizer_benchmark_quick_writes_results(tmp_path):
+    assert cli.main(["bench", "tokenizers", "--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work")]) == 0
+    res = json.loads((tmp_path / "tokenizers.json").read_text())
+    for key in ("photos_psnr", "photos_usage", "digits_psnr", "digits_usage"):
+        assert set(res[key]) == {"ste", "rotation", "simvq", "fsq"}
+    assert all(0 < u <= 1 for u in res["photos_usage"].values())
+    assert math.isfinite(res["digits_fd_latent"]) and math.isfinite(res["digits_fd_pixel"])
+    # The latent run trained on the latents of the tokenizer the benchmark named as the best.
+    cfg = run.load_run(tmp_path / "work" / f"digits-latent-{res['latent_tokenizer']}")[0]
+    assert cfg.data.tokenizer.endswith(f"digits-{res['latent_tokenizer']}")
+    assert (tmp_path / "tokenizers.png").exists() and (tmp_path / "tokenizers-reconstructions.png").exists()
