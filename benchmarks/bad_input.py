@@ -1,9 +1,8 @@
 """Bad input, one line per case: what a user typed (or broke) and the first line of what diffkit answered.
 
 Trains three seconds-long runs in a temporary folder (a checkerboard flow, a conditional digits model and a
-digits tokenizer), then
-tries every case of the "runs that never lose work or mislead" review on them: data loss, wrong results
-without a word, tracebacks instead of messages. A case passes when diffkit answers with a message, a warning
+digits tokenizer), then tries every case of the "runs that never lose work or mislead" review on them: data
+loss, wrong results without a word, tracebacks instead of messages. A case passes when diffkit answers with a message, a warning
 or a correct result, never a traceback.
 
     diffkit bench bad_input [--out DIR]
