@@ -1,5 +1,5 @@
-"""The `diffkit` command: demo, train, sample, eval, calibrate, bench, and the commands of methods that derive new runs
-from trained ones (diffkit.registry: reflow, distill).
+"""The `diffkit` command: demo, train, sample, eval, calibrate, compress, decompress, bench, and the commands of methods
+that derive new runs from trained ones (diffkit.registry: reflow, distill).
 
 `bench` runs a benchmark script from the source checkout's benchmarks/ folder (benchmarks are not part of
 the installed package); everything after the benchmark's name is passed to it. `train` under torchrun
@@ -122,6 +122,22 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--guidance", type=float, help="calibrate for sampling under this guidance scale")
     c.add_argument("--label", type=int, help="calibrate for sampling this class")
 
+    co = sub.add_parser("compress", help="compress an image into a .ddcm file with a trained diffusion run (DDCM)")
+    co.add_argument("run", type=Path, help="an unconditional pixel denoising run (e.g. configs/photos-unet.yaml)")
+    co.add_argument("image", type=Path, help="the image file (PNG, JPEG, ...)")
+    co.add_argument("-o", "--out", type=Path, help="the .ddcm file (default: the image's name with .ddcm)")
+    co.add_argument("--k", type=int, default=256, help="codebook size, a power of two (default 256)")
+    rate = co.add_mutually_exclusive_group()
+    rate.add_argument("--steps", type=_positive, help="sampler steps; T - 1 of them are coded (default 20)")
+    rate.add_argument("--bpp", type=float, help="the rate to stay within, in bits per pixel (sets --steps)")
+    co.add_argument("--atoms", type=_positive, default=1, help="matching-pursuit atoms per step, M (default 1)")
+    co.add_argument("--coef-bits", type=int, default=0, help="bits per mixing coefficient, C (with --atoms > 1)")
+    co.add_argument("--seed", type=int, default=0, help="codebook seed (stored in the file)")
+    de = sub.add_parser("decompress", help="decode a .ddcm file with the run that compressed it")
+    de.add_argument("run", type=Path, help="the run the file was compressed with")
+    de.add_argument("file", type=Path, help="the .ddcm file")
+    de.add_argument("-o", "--out", type=Path, help="the image file (default: the file's name with .png)")
+
     # Methods that make a new run from a trained one (`diffkit reflow`, `diffkit distill`): one command each.
     for command, method in registry.commands().items():
         p = sub.add_parser(command, help=method.command_help)
@@ -181,6 +197,24 @@ def main(argv: list[str] | None = None) -> int:
                   f"error {record['calibration_error']:.4g} (the config's {record['config_grid']} grid: "
                   f"{record['config_grid_error']:.4g}); sample with --grid calibrated --sampler {record['sampler']} "
                   f"--steps {record['steps']}" + how.replace(", label ", " --label ").replace(", guidance ", " --guidance "))
+            return 0
+        if args.command == "compress":
+            from diffkit import compression
+
+            out = args.out or args.image.with_suffix(".ddcm")
+            steps = args.steps if args.steps or args.bpp else 20
+            result, _ = compression.compress(args.run, args.image, out, k=args.k, steps=steps, bpp=args.bpp,
+                                             atoms=args.atoms, coef_bits=args.coef_bits, seed=args.seed)
+            ssim = f", MS-SSIM {result['ms_ssim']:.4f}" if "ms_ssim" in result else ""
+            print(f"{out}: {result['bytes']} bytes, {result['bpp']:.4f} bits per pixel ({result['steps']} steps, "
+                  f"K {args.k}, {result['tiles']} tiles); PSNR {result['psnr']:.2f} dB{ssim}")
+            return 0
+        if args.command == "decompress":
+            from diffkit import compression
+
+            out = args.out or args.file.with_suffix(".png")
+            image = compression.decompress(args.run, args.file, out)
+            print(f"{out}: {image.shape[2]}x{image.shape[1]} pixels")
             return 0
         if args.command in registry.commands():
             from diffkit import run
