@@ -19,7 +19,7 @@ from diffkit.grids import NAMED as GRIDS
 
 BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py", "onestep": "onestep.py",
               "throughput": "throughput.py", "likelihood": "likelihood.py", "bad_input": "bad_input.py",
-              "tokenizers": "tokenizers.py"}
+              "tokenizers": "tokenizers.py", "codec": "codec.py"}
 
 
 def _benchmarks_dir() -> Path | None:

@@ -173,3 +173,17 @@ def test_fuzz_only_clear_errors():
         except bitstream.FormatError:
             continue
         assert data == good or bitstream.pack(stream) == data  # only intact (or consistent forged) files decode
+
+
+def test_rate_needed_to_reach_a_quality():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("codec", Path(__file__).resolve().parents[2] / "benchmarks" / "codec.py")
+    codec = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(codec)
+    points = [{"bpp": 0.1, "ms_ssim": 0.5}, {"bpp": 0.2, "ms_ssim": 0.7}, {"bpp": 0.3, "ms_ssim": 0.6},
+              {"bpp": 0.4, "ms_ssim": 0.9}]
+    assert codec.bpp_to_reach(points, 0.6) == pytest.approx(0.15)  # between 0.1 and 0.2
+    assert codec.bpp_to_reach(points, 0.8) == pytest.approx(0.3)  # 0.3's 0.6 is no better than 0.2's 0.7
+    assert codec.bpp_to_reach(points, 0.4) == 0.1 and codec.bpp_to_reach(points, 0.95) is None
