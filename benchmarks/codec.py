@@ -180,14 +180,16 @@ def _curves(path: Path, rows: list[dict]) -> None:
 
 
 def _pictures(path: Path, rows: list[dict], shown: dict, photo: str) -> None:
-    """One photo: the original, then each DDCM setting beside the JPEG and WebP settings nearest its rate."""
+    """One photo, one row per DDCM setting of the three lowest rates: the original, DDCM, and the JPEG and WebP
+    settings nearest its rate."""
     mine = [r for r in rows if r["photo"] == photo]
-    sets = {"original": shown[(photo, "original", "")]}
-    for r in sorted((r for r in mine if r["codec"] == "DDCM"), key=lambda r: r["bpp"])[:3]:
+    sets = {}
+    for i, r in enumerate(sorted((r for r in mine if r["codec"] == "DDCM"), key=lambda r: r["bpp"])[:3]):
+        sets["original" + " " * i] = shown[(photo, "original", "")]  # distinct keys, the same title
         sets[f"DDCM {r['setting']}: {r['bpp']:.3f} bpp, MS-SSIM {r['ms_ssim']:.3f}"] = shown[(photo, "DDCM", r["setting"])]
         for codec in ("JPEG", "WebP"):
             near = min((q for q in mine if q["codec"] == codec), key=lambda q: abs(np.log(q["bpp"] / r["bpp"])))
-            sets[f"{codec} {near['setting']}: {near['bpp']:.3f} bpp, MS-SSIM {near['ms_ssim']:.3f}"] = \
+            sets[f"{codec} {near['setting']}: {near['bpp']:.3f} bpp, MS-SSIM {near['ms_ssim']:.3f}" + " " * i] = \
                 shown[(photo, codec, near["setting"])]
     panels(path, {k: v[None] for k, v in sets.items()}, title=f"{photo}: codecs at matched rates", cols=4)
 
