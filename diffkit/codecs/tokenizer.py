@@ -17,6 +17,7 @@ A tokenizer generates nothing by itself: `diffkit eval RUN` scores its reconstru
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -111,9 +112,10 @@ class TokenizerMethod(Method):
         return Reconstruction(**cfg.objective.args)
 
     def facts(self, cfg) -> dict:
-        args = cfg.model.args
-        return {"method": self.name, "bottleneck": args.get("bottleneck", "rotation"),
-                "codebook_size": args.get("codebook_size", 256)}
+        defaults = {k: p.default for k, p in inspect.signature(Autoencoder).parameters.items()}
+        args = defaults | cfg.model.args
+        return {"method": self.name, "bottleneck": args["bottleneck"], "codebook_size": args["codebook_size"],
+                **cfg.objective.args}
 
     def reconstruct(self, model: Tokenizer, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         return reconstruct(model, x)
