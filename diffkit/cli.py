@@ -14,8 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-from diffkit import registry
-from diffkit.grids import NAMED as GRIDS
+if not sys.stderr.isatty():  # a log file: progress bars update every 30 s, not many times a second. Set before
+    os.environ.setdefault("TQDM_MININTERVAL", "30")  # anything imports tqdm, which reads its environment then.
+
+from diffkit import registry  # noqa: E402
+from diffkit.grids import NAMED as GRIDS  # noqa: E402
 
 BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py", "onestep": "onestep.py",
               "throughput": "throughput.py", "likelihood": "likelihood.py", "bad_input": "bad_input.py",
@@ -152,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
     # Overrides may also follow the options (`diffkit reflow RUN --out D train.steps=100`).
     args, extra = parser.parse_known_args(argv)
-    if not sys.stderr.isatty():  # a log file: progress bars update every 30 s, not many times a second
-        os.environ.setdefault("TQDM_MININTERVAL", "30")
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:
