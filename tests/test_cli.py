@@ -1,6 +1,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -73,9 +75,12 @@ def test_ctrl_c_elsewhere_is_one_line_and_130(tmp_path, monkeypatch, capsys):
     assert stop.value.code == 130 and capsys.readouterr().err == "diffkit sample: interrupted\n"
 
 
-def test_progress_bars_update_rarely_when_stderr_is_a_file(tmp_path, monkeypatch):
-    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
-    monkeypatch.setattr("sys.stderr", open(tmp_path / "log", "w"))  # not a terminal
-    cli.main(["train", "train.steps=1", "train.checkpoint_every=1", "model.args={width: 8, depth: 1}", "--out",
-              str(tmp_path / "run")])
-    assert os.environ["TQDM_MININTERVAL"] == "30"
+def test_progress_bars_update_rarely_when_stderr_is_a_file(tmp_path):
+    """A fresh `diffkit` process logging to a file: its progress bars (tqdm reads its environment when it is first
+    imported) update every 30 s."""
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
+    code = "import diffkit.cli, tqdm; print(tqdm.tqdm(total=1).mininterval)"
+    with open(tmp_path / "log", "w") as log:  # not a terminal
+        out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                             check=True).stdout
+    assert float(out) == 30
