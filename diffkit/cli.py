@@ -18,7 +18,8 @@ from diffkit import registry
 from diffkit.grids import NAMED as GRIDS
 
 BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py", "onestep": "onestep.py",
-              "throughput": "throughput.py", "likelihood": "likelihood.py", "bad_input": "bad_input.py"}
+              "throughput": "throughput.py", "likelihood": "likelihood.py", "bad_input": "bad_input.py",
+              "optimizers": "optimizers.py", "scaling": "scaling.py"}
 
 
 def _benchmarks_dir() -> Path | None:
