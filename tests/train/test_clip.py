@@ -1,5 +1,6 @@
 """Global-norm clipping (train.clip): the fixed and the running-quantile threshold, and the per-step log."""
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -69,3 +70,19 @@ def test_every_steps_norm_is_logged_and_auto_resumes_exactly(tmp_path):
     assert [len(r["grad_norms"]) for r in rows] == [4] * 6
     assert rows[-1]["grad_norms"][-1] == pytest.approx(rows[-1]["grad_norm"])
     assert rows[0]["clip_threshold"] == float("inf") and rows[-1]["clip_threshold"] < float("inf")
+
+
+def test_auto_clipping_and_the_norm_log_read_nothing_back_per_step(tmp_path, host_reads):
+    """Counted as 8 steps' reads minus 4's (both log once, at the end): auto clipping adds no read per step."""
+    def reads(steps, setting):
+        torch.manual_seed(0)
+        model = Precond(MLP(2, width=16, depth=1), paths.EDM(), "edm")
+        x = data.toy("checkerboard", 256, torch.Generator().manual_seed(0))
+        settings = TrainSettings(steps=steps, batch=32, warmup=2, grad_clip=setting, checkpoint_every=100,
+                                 log_every=100)
+        with host_reads() as r:
+            train(model, Denoising(paths.EDM()), x, None, settings, tmp_path / f"{setting}-{steps}", progress=False)
+        return Counter(r.calls)
+
+    per_4 = {s: reads(8, s) - reads(4, s) for s in (1.0, "auto")}
+    assert per_4[1.0] == per_4["auto"] and per_4["auto"][("__bool__", "train")] == 4
