@@ -179,6 +179,7 @@ def validate(cfg: Config) -> Config:
         raise ValueError("train.precision=fp16 is not supported (it needs loss scaling): use bf16, fp32 or auto")
     _choice(t.precision, PRECISIONS, "train.precision")
     _choice(t.optimizer, optim.OPTIMIZERS, "train.optimizer")
+    optim.check_installed(t.optimizer)
     _choice(t.muon_adjust_lr, optim.MUON_ADJUST, "train.muon_adjust_lr")
     _choice(t.parametrization, spectral.PARAMETRIZATIONS, "train.parametrization")
     clip.check(t.grad_clip)

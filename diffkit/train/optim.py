@@ -21,6 +21,7 @@ base_lr, which the schedule scales. Nothing here re-implements an optimizer's up
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -33,12 +34,17 @@ MUON_ADJUST = ("original", "match_rms_adamw")
 FUSED_DEVICES = ("cuda", "cpu")  # where torch has a fused AdamW kernel
 
 
+def check_installed(kind: str) -> None:
+    """A ValueError with the install command when `kind` needs pytorch-optimizer and it is missing."""
+    if kind in ("lion", "tiger") and importlib.util.find_spec("pytorch_optimizer") is None:
+        raise ValueError(f"train.optimizer={kind} needs pytorch-optimizer: pip install 'diffkit[train]' "
+                         "(or pip install pytorch-optimizer)")
+
+
 def _sign_optimizer(kind: str):
-    try:
-        import pytorch_optimizer
-    except ImportError:
-        raise ImportError(f"train.optimizer={kind} needs pytorch-optimizer: pip install 'diffkit[train]' "
-                          "(or pip install pytorch-optimizer)") from None
+    check_installed(kind)
+    import pytorch_optimizer
+
     return {"lion": pytorch_optimizer.Lion, "tiger": pytorch_optimizer.Tiger}[kind]
 
 

@@ -68,3 +68,10 @@ def test_a_sign_optimizer_moves_an_unused_row_by_lr_every_step_adamw_does_not():
     lion = _unused_row_drift("lion", 200, sign_embeddings_adamw=False)
     assert lion == pytest.approx(200 * 1e-2, rel=1e-4)
     assert _unused_row_drift("adamw", 200) < 12 * 1e-2
+
+
+def test_a_missing_pytorch_optimizer_is_a_clear_error(monkeypatch):
+    real = optim.importlib.util.find_spec
+    monkeypatch.setattr(optim.importlib.util, "find_spec", lambda name: None if name == "pytorch_optimizer" else real(name))
+    with pytest.raises(ValueError, match=r"pip install 'diffkit\[train\]'"):
+        configs.load(None, ["train.optimizer=tiger"])
