@@ -10,7 +10,7 @@ parametrization's coordinate check and learning-rate transfer, and the sign opti
    clipped and the pre-clip norm's percentiles from metrics.jsonl.
 3. Coordinate check: activation RMS per layer after 10 steps (and its change from init) at widths 64..1024,
    standard vs spectral, AdamW and Muon.
-4. LR transfer: a 5-point lr sweep (factor 3 apart) at widths 64 and 1024, standard vs spectral, AdamW and Muon.
+4. LR transfer: a 5-point lr sweep (factor 3 apart) at widths 64 and 512, standard vs spectral, AdamW and Muon.
 5. Embedding drift: max |w| of the label table and of the noise embedding's first layer over a conditional run
    at batch 16 (labels often absent from a batch), AdamW vs Lion and Tiger with and without their table on AdamW.
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="run folders (default: a temporary folder)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    n = {"steps": 800, "every": 50, "coord": 10, "transfer": 150, "embed": 1500, "embed_every": 100}
+    n = {"steps": 600, "every": 50, "coord": 10, "transfer": 150, "embed": 1000, "embed_every": 100}
     if args.quick:
         n = {"steps": 6, "every": 3, "coord": 2, "transfer": 3, "embed": 4, "embed_every": 2}
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             "optimizers": comp["summary"], "sweep": comp["sweep"],
             "clip": clip_rows(work, comp["best"], n["steps"], n["every"]),
             "coord_check": coord_check(work, n["coord"], WIDTHS if not args.quick else (16, 32)),
-            "lr_transfer": lr_transfer(work, n["transfer"], *(((64, 1024), TRANSFER) if not args.quick else
+            "lr_transfer": lr_transfer(work, n["transfer"], *(((64, 512), TRANSFER) if not args.quick else
                                                               ((16, 32), TRANSFER[1:4]))),
             "embedding_drift": embedding_drift(work, n["embed"], n["embed_every"]),
         }
