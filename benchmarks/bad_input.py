@@ -1,8 +1,8 @@
 """Bad input, one line per case: what a user typed (or broke) and the first line of what diffkit answered.
 
-Trains two seconds-long runs in a temporary folder (a checkerboard flow and a conditional digits model), then
-tries every case of the "runs that never lose work or mislead" review on them: data loss, wrong results
-without a word, tracebacks instead of messages. A case passes when diffkit answers with a message, a warning
+Trains three seconds-long runs in a temporary folder (a checkerboard flow, a conditional digits model and a
+digits tokenizer), then tries every case of the "runs that never lose work or mislead" review on them: data
+loss, wrong results without a word, tracebacks instead of messages. A case passes when diffkit answers with a message, a warning
 or a correct result, never a traceback.
 
     diffkit bench bad_input [--out DIR]
@@ -62,6 +62,11 @@ def cases(tmp: Path) -> list[tuple[str, object]]:
     flow = ["train", str(ROOT / "configs" / "checkerboard-fm.yaml"), *TINY]
     cli.main([*flow, "--out", str(cb)])
     cli.main(["train", "data.conditional=true", *TINY, "--out", str(digits)])
+    vq = ["train", str(ROOT / "configs" / "digits-vq.yaml"), "train.steps=2", "train.batch=16",
+          "model.args.channels=8"]
+    tok = tmp / "tok"
+    cli.main([*vq, "--out", str(tok)])
+    latent = ["train", str(ROOT / "configs" / "digits-latent.yaml"), *TINY]
     from diffkit import data, run
 
     def names(*calls):
@@ -206,6 +211,20 @@ def cases(tmp: Path) -> list[tuple[str, object]]:
         ("eval --grid calibrated with no grid calibrated", lambda: cli.main(
             ["eval", str(cb), "--grid", "calibrated", "--sampler", "dpmpp_2m", "--steps", "5", "--n", "8"])),
         ("calibrate --sampler ddpm (stochastic)", lambda: cli.main(["calibrate", str(cb), "--sampler", "ddpm"])),
+        # Tokenizers and latent runs
+        ("train configs/digits-vq.yaml model.args.bottleneck=vqgan", lambda: cli.main(
+            [*vq, "model.args.bottleneck=vqgan", "--out", str(tmp / "x")])),
+        ("train configs/digits-vq.yaml with fsq and codebook_size 300", lambda: cli.main(
+            [*vq, "model.args.bottleneck=fsq", "model.args.codebook_size=300", "--out", str(tmp / "x")])),
+        ("sample a tokenizer run", lambda: cli.main(["sample", str(tok), "--n", "4"])),
+        ("train a latent run whose data.tokenizer does not exist", lambda: cli.main(
+            [*latent, f"data.tokenizer={tmp / 'nope'}", "--out", str(tmp / "x")])),
+        ("train a latent run whose data.tokenizer is a diffusion run", lambda: cli.main(
+            [*latent, f"data.tokenizer={digits}", "--out", str(tmp / "x")])),
+        ("train a latent run on data its tokenizer was not trained on (checkerboard)", lambda: cli.main(
+            [*latent, f"data.tokenizer={tok}", "data.name=checkerboard", "--out", str(tmp / "x")])),
+        ("data.name=photos data.conditional=true", lambda: cli.main(
+            ["train", "data.name=photos", "data.conditional=true", "--out", str(tmp / "x")])),
     ]
 
 

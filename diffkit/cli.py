@@ -1,5 +1,5 @@
-"""The `diffkit` command: demo, train, sample, eval, calibrate, bench, and the commands of methods that derive new runs
-from trained ones (diffkit.registry: reflow, distill).
+"""The `diffkit` command: demo, train, sample, eval, calibrate, compress, decompress, bench, and the commands of methods
+that derive new runs from trained ones (diffkit.registry: reflow, distill).
 
 `bench` runs a benchmark script from the source checkout's benchmarks/ folder (benchmarks are not part of
 the installed package); everything after the benchmark's name is passed to it. `train` under torchrun
@@ -14,12 +14,16 @@ import os
 import sys
 from pathlib import Path
 
-from diffkit import registry
-from diffkit.grids import NAMED as GRIDS
+if not sys.stderr.isatty():  # a log file: progress bars update every 30 s, not many times a second. Set before
+    os.environ.setdefault("TQDM_MININTERVAL", "30")  # anything imports tqdm, which reads its environment then.
+
+from diffkit import registry  # noqa: E402
+from diffkit.grids import NAMED as GRIDS  # noqa: E402
 
 BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py", "onestep": "onestep.py",
               "throughput": "throughput.py", "likelihood": "likelihood.py", "bad_input": "bad_input.py",
-              "optimizers": "optimizers.py", "scaling": "scaling.py"}
+              "tokenizers": "tokenizers.py", "codec": "codec.py", "optimizers": "optimizers.py",
+              "scaling": "scaling.py"}
 
 
 def _benchmarks_dir() -> Path | None:
@@ -122,6 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--guidance", type=float, help="calibrate for sampling under this guidance scale")
     c.add_argument("--label", type=int, help="calibrate for sampling this class")
 
+    co = sub.add_parser("compress", help="compress an image into a .ddcm file with a trained diffusion run (DDCM)")
+    co.add_argument("run", type=Path, help="an unconditional pixel denoising run (e.g. configs/photos-unet.yaml)")
+    co.add_argument("image", type=Path, help="the image file (PNG, JPEG, ...)")
+    co.add_argument("-o", "--out", type=Path, help="the .ddcm file (default: the image's name with .ddcm)")
+    co.add_argument("--k", type=int, default=256, help="codebook size, a power of two (default 256)")
+    rate = co.add_mutually_exclusive_group()
+    rate.add_argument("--steps", type=_positive, help="sampler steps; T - 1 of them are coded (default 20)")
+    rate.add_argument("--bpp", type=float, help="the rate to stay within, in bits per pixel (sets --steps)")
+    co.add_argument("--atoms", type=_positive, default=1, help="matching-pursuit atoms per step, M (default 1)")
+    co.add_argument("--coef-bits", type=int, default=0, help="bits per mixing coefficient, C (with --atoms > 1)")
+    co.add_argument("--seed", type=int, default=0, help="codebook seed (stored in the file)")
+    de = sub.add_parser("decompress", help="decode a .ddcm file with the run that compressed it")
+    de.add_argument("run", type=Path, help="the run the file was compressed with")
+    de.add_argument("file", type=Path, help="the .ddcm file")
+    de.add_argument("-o", "--out", type=Path, help="the image file (default: the file's name with .png)")
+
     # Methods that make a new run from a trained one (`diffkit reflow`, `diffkit distill`): one command each.
     for command, method in registry.commands().items():
         p = sub.add_parser(command, help=method.command_help)
@@ -147,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
     # Overrides may also follow the options (`diffkit reflow RUN --out D train.steps=100`).
     args, extra = parser.parse_known_args(argv)
-    if not sys.stderr.isatty():  # a log file: progress bars update every 30 s, not many times a second
-        os.environ.setdefault("TQDM_MININTERVAL", "30")
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:
@@ -199,6 +217,24 @@ def main(argv: list[str] | None = None) -> int:
             result = tune.batch(args.run, batches=args.batch, small=args.small, big=args.big, pairs=args.pairs,
                                 seed=args.seed)
             print(tune.describe(result))
+            return 0
+        if args.command == "compress":
+            from diffkit import compression
+
+            out = args.out or args.image.with_suffix(".ddcm")
+            steps = args.steps if args.steps or args.bpp else 20
+            result, _ = compression.compress(args.run, args.image, out, k=args.k, steps=steps, bpp=args.bpp,
+                                             atoms=args.atoms, coef_bits=args.coef_bits, seed=args.seed)
+            ssim = f", MS-SSIM {result['ms_ssim']:.4f}" if "ms_ssim" in result else ""
+            print(f"{out}: {result['bytes']} bytes, {result['bpp']:.4f} bits per pixel ({result['steps']} steps, "
+                  f"K {args.k}, {result['tiles']} tiles); PSNR {result['psnr']:.2f} dB{ssim}")
+            return 0
+        if args.command == "decompress":
+            from diffkit import compression
+
+            out = args.out or args.file.with_suffix(".png")
+            image = compression.decompress(args.run, args.file, out)
+            print(f"{out}: {image.shape[2]}x{image.shape[1]} pixels")
             return 0
         if args.command in registry.commands():
             from diffkit import run

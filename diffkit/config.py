@@ -28,18 +28,20 @@ from diffkit.train.loop import TrainSettings
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # a toy name, "digits", "folder" or "hf"
+    name: str = "digits"  # a toy name, "digits", "photos", "folder" or "hf"
     source: str | None = None  # folder path or Hugging Face dataset name
-    size: int | None = None  # image side for folder / hf
+    size: int | None = None  # image side for folder / hf; patch side for photos (default 32)
+    stride: int | None = None  # photos: the patches' stride (default: their side, no overlap)
     channels: int = 3
     n: int = 20000  # points drawn for a toy
     conditional: bool = False  # train with labels (and label dropout for guidance)
     couples: str | None = None  # reflow: train on the (noise, sample) couples in this folder instead
+    tokenizer: str | None = None  # latent diffusion: train on the latents of this tokenizer run (diffkit.latent)
 
 
 @dataclass
 class ModelConfig:
-    net: str = "mlp"  # mlp | unet | dit (denoiser backbones) | tarflow (a flow)
+    net: str = "mlp"  # mlp | unet | dit (denoiser backbones) | tarflow (a flow) | autoencoder (a tokenizer)
     args: dict = field(default_factory=dict)  # the net's keyword arguments; {} = its own defaults
     path: str = "edm"  # vp_linear | vp_cosine | ve | edm | rectified_flow
     shift: float = 1.0  # log-SNR shift scale (Shifted path) when != 1
@@ -50,7 +52,7 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "denoising"  # a method of diffkit.registry: denoising | shortcut | reflow | sid
+    name: str = "denoising"  # a method of diffkit.registry: denoising | shortcut | reflow | sid | tarflow | tokenizer
     args: dict = field(default_factory=dict)  # the method's own options (its objective's keyword arguments)
     density: str = "lognormal"  # uniform | lognormal | logit_normal
     density_args: dict = field(default_factory=dict)
@@ -195,10 +197,13 @@ def validate(cfg: Config) -> Config:
             samplers.get(s.sampler)
         except ValueError as err:
             raise ValueError(f"sample.sampler: {err}") from None
-    _choice(d.name, ["digits", "folder", "hf", *datasets.TOYS], "data.name")
-    if d.name in datasets.TOYS and d.conditional and d.couples is None:
-        raise ValueError(f"data.conditional=true needs labels; the {d.name} toy has none (use digits, or a folder "
+    _choice(d.name, ["digits", "photos", "folder", "hf", *datasets.TOYS], "data.name")
+    if d.name in (*datasets.TOYS, "photos") and d.conditional and d.couples is None:
+        raise ValueError(f"data.conditional=true needs labels; {d.name} has none (use digits, or a folder "
                          "with one sub-folder per class)")
+    for key in ("size", "stride"):
+        if getattr(d, key) is not None and getattr(d, key) < 1:
+            raise ValueError(f"data.{key} must be a positive integer (or null), got {getattr(d, key)}")
     if d.name in ("folder", "hf") and (d.source is None or d.size is None):
         raise ValueError(f"data.name={d.name} needs data.source (the {'folder' if d.name == 'folder' else 'dataset'}) "
                          "and data.size (the image side in pixels)")
@@ -259,7 +264,7 @@ def to_dict(cfg: Config) -> dict:
 def dataset(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
     """The training (or held-out 'test') data: images (N, C, H, W) in [-1, 1] or vectors (N, d).
 
-    Digits have a fixed split; toys draw the held-out points with another seed; image folders hold out about 1
+    Digits have a fixed split; photos split by photo (data.PHOTOS); toys draw the held-out points with another seed; image folders hold out about 1
     in 10 files by a hash of their path (data.held_out); Hugging Face datasets use their own splits.
     With data.couples the training split is reflow's (N, 2, ...) [sample, noise] couples; the held-out split
     stays the real data of data.name, so reflowed models are scored against what the teacher learned.
@@ -272,6 +277,8 @@ def dataset(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tens
         x, y = datasets.digits(split)
     elif d.name in datasets.TOYS:
         x, y = datasets.toy(d.name, d.n, torch.Generator().manual_seed(0 if split == "train" else 1)), None
+    elif d.name == "photos":
+        x, y = datasets.photos(split, size=d.size or 32, stride=d.stride, channels=d.channels), None
     elif d.name == "folder":
         x, y = datasets.image_folder(d.source, d.size, channels=d.channels, split=split)
         if d.conditional and y is None:
@@ -280,11 +287,11 @@ def dataset(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tens
     elif d.name == "hf":
         x, y = datasets.hf_dataset(d.source, d.size, split=split, channels=d.channels)
     else:
-        raise ValueError(f"unknown data.name {d.name!r}; use digits, folder, hf or a toy: {', '.join(datasets.TOYS)}")
+        raise ValueError(f"unknown data.name {d.name!r}; use digits, photos, folder, hf or a toy: {', '.join(datasets.TOYS)}")
     return x, (y if d.conditional else None)
 
 
-LEVELS = {"digits": 17, "folder": 256, "hf": 256}  # integer levels of each image source (pixel values 0..16, 8-bit)
+LEVELS = {"digits": 17, "photos": 256, "folder": 256, "hf": 256}  # integer levels of each image source (pixel values 0..16, 8-bit)
 
 
 def levels(cfg: Config) -> int | None:
@@ -300,13 +307,14 @@ def sample_shape(cfg: Config, x: torch.Tensor) -> tuple[int, ...]:
 def _nets() -> dict[str, tuple[type, Callable[[tuple[int, ...]], dict]]]:
     """model.net -> (network class, its data-shape arguments for a sample of a given shape)."""
     from diffkit.flows.tarflow import TarFlow
+    from diffkit.nets.autoencoder import Autoencoder
     from diffkit.nets.dit import DiT
     from diffkit.nets.mlp import MLP
     from diffkit.nets.unet import UNet
 
     image = lambda shape: {"in_channels": shape[0], "image_size": shape[-1]}  # noqa: E731
     return {"mlp": (MLP, lambda shape: {"dim": math.prod(shape)}), "unet": (UNet, image), "dit": (DiT, image),
-            "tarflow": (TarFlow, lambda shape: {"data_shape": shape})}
+            "tarflow": (TarFlow, lambda shape: {"data_shape": shape}), "autoencoder": (Autoencoder, image)}
 
 
 def num_classes(cfg: Config, labels: torch.Tensor | None) -> int:
@@ -361,5 +369,10 @@ def objective(cfg: Config, n_classes: int, teacher: Precond | None = None) -> Ca
 
 def describe(cfg: Config) -> dict[str, Any]:
     """The facts a reader of a report needs, in one line each."""
-    facts = {"data": cfg.data.name, "net": cfg.model.net, "path": cfg.model.path, "prediction": cfg.model.prediction}
-    return {**facts, **registry.get(cfg.objective.name).facts(cfg), "steps": cfg.train.steps}
+    method = registry.get(cfg.objective.name)
+    facts = {"data": cfg.data.name, "net": cfg.model.net}
+    if method.generates:  # a codec has no noise path
+        facts |= {"path": cfg.model.path, "prediction": cfg.model.prediction}
+    if cfg.data.tokenizer is not None:
+        facts["latents of"] = cfg.data.tokenizer
+    return {**facts, **method.facts(cfg), "steps": cfg.train.steps}

@@ -1,10 +1,12 @@
-"""Datasets as in-memory tensors: built-in 2-D toys, sklearn's digits, image folders, Hugging Face datasets.
+"""Datasets as in-memory tensors: built-in 2-D toys, sklearn's digits, natural-photo patches, image folders,
+Hugging Face datasets.
 
 Images come back as (N, C, H, W) float32 in [-1, 1]; labels as (N,) int64 or None. This module imports no
 model code.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from pathlib import Path
@@ -94,6 +96,59 @@ def digits(split: str = "train", *, holdout: float = 0.2, seed: int = 0) -> tupl
         test[rng.choice(idx, int(round(holdout * len(idx))), replace=False)] = True
     keep = torch.from_numpy(test if split == "test" else ~test)
     return x[keep], y[keep]
+
+
+# The everyday photographs inside the scikit-image and scikit-learn wheels (no download), split by photo, never
+# by patch: patches of one photo are correlated, so a held-out patch of a training photo measures memory, not
+# generalisation. Left out: skimage's retina, hubble_deep_field and immunohistochemistry (microscope and telescope
+# images, and half of all the pixels), the grey ones, and the right view of stereo_motorcycle (a near copy).
+PHOTOS = {"train": ("astronaut", "rocket", "stereo_motorcycle", "china"), "test": ("chelsea", "coffee", "flower")}
+
+
+def photo(name: str) -> Tensor:
+    """One bundled photograph as (3, H, W) float32 in [-1, 1] (PHOTOS names them)."""
+    if name not in {n for names in PHOTOS.values() for n in names}:
+        raise ValueError(f"unknown photo {name!r}; the bundled photos are {PHOTOS}")
+    return torch.from_numpy(_photo_pixels(name)).permute(2, 0, 1) / 127.5 - 1
+
+
+@functools.lru_cache(maxsize=None)
+def _photo_pixels(name: str) -> np.ndarray:
+    """The photo's (H, W, 3) pixel values, decoded once per process (private: photo() returns a new tensor)."""
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        arr = load_sample_image(f"{name}.jpg")
+    else:
+        try:
+            import skimage.data
+        except ImportError as err:
+            raise ImportError("the photos data needs scikit-image (its wheel carries the photographs): "
+                              "pip install 'diffkit[photos]'") from err
+        arr = getattr(skimage.data, name)()
+        arr = arr[0] if isinstance(arr, tuple) else arr  # stereo_motorcycle: (left, right, disparity)
+    return np.array(arr, dtype=np.float32)
+
+
+def photos(split: str = "train", *, size: int = 32, stride: int | None = None, channels: int = 3) -> Tensor:
+    """Patches (N, channels, size, size) in [-1, 1] of the photos of one split (PHOTOS), photo by photo, each
+    cut row-major at `stride` (default `size`: no overlap) from its top-left corner; a border narrower than a
+    patch is dropped. channels=1 gives the luminance (ITU-R BT.601 weights)."""
+    if split not in PHOTOS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    stride = stride or size
+    if size < 1 or stride < 1:
+        raise ValueError(f"patch size and stride must be positive, got size={size}, stride={stride}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (luminance) or 3 (RGB), got {channels}")
+    out = []
+    for name in PHOTOS[split]:
+        image = photo(name)
+        if channels == 1:
+            image = (torch.tensor([0.299, 0.587, 0.114]) @ image.flatten(1)).reshape(1, *image.shape[1:])
+        cut = image.unfold(1, size, stride).unfold(2, size, stride)  # (C, rows, cols, size, size)
+        out.append(cut.permute(1, 2, 0, 3, 4).reshape(-1, channels, size, size))
+    return torch.cat(out)
 
 
 def _to_tensor(image, size: int, channels: int) -> Tensor:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from diffkit import grids, registry, samplers
+from diffkit import grids, latent, registry, samplers
 from diffkit.config import Config, path
 from diffkit.precond import Precond
 from diffkit.samplers.advice import FewStepWarning, few_step_warning
@@ -40,6 +40,8 @@ def sample(model: Precond, cfg: Config, shape: tuple[int, ...], n: int, *, sampl
            progress: bool = True) -> tuple[Tensor, int]:
     """n samples (n, *shape) and the NFE per sample. Sample i depends only on (seed, i), not on `batch`.
 
+    shape is the model's (a latent run's latents); the samples are images, decoded by the run's tokenizer.
+
     sigmas: a grid to sample on instead of the config's (e.g. a calibrated one; `steps` is then its length).
     Guidance without a label samples the classes evenly: sample i gets class i mod n_classes.
     fast: run the denoiser (guidance included) through FastDenoiser (diffkit.train.fast): compiled, bf16 and one
@@ -47,6 +49,9 @@ def sample(model: Precond, cfg: Config, shape: tuple[int, ...], n: int, *, sampl
     own sampler (shortcut, SiD) ignore it.
     """
     method = registry.get(cfg.objective.name)
+    if not method.generates:
+        raise ValueError(f"a {cfg.objective.name} run does not generate samples: `diffkit eval RUN` scores its "
+                         "reconstructions, and a latent diffusion run (data.tokenizer: RUN) samples through it")
     name = method.sampler_name(sampler, cfg.sample.sampler)
     if sigmas is not None and method.samplers:
         raise ValueError(f"a {cfg.objective.name} run samples with its own sampler ({name}); it takes no grid")
@@ -74,7 +79,7 @@ def sample(model: Precond, cfg: Config, shape: tuple[int, ...], n: int, *, sampl
         counter = samplers.NFECounter(d)
         out.append(samplers.get(name)(counter, x, sigmas, noise=noise).cpu())
         nfe = counter.nfe
-    return torch.cat(out), nfe
+    return latent.decode(cfg, torch.cat(out)), nfe
 
 
 def check_labels(label: int | None, guidance: float | None, n_classes: int) -> None:

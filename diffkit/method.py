@@ -6,7 +6,9 @@ A method (denoising, shortcut models, ReFlow, SiD; flows, tokenizers and codecs 
     its model          what the loop trains: the Precond denoiser itself, or e.g. SiD's generator/fake pair
     what it needs      the path and prediction it trains (`trains_flow`), extra scalar inputs of its net
     its network        a denoiser backbone wrapped in Precond (`wrap`), or e.g. a flow (`nets` names those it takes)
-    how it samples     any sigma-grid sampler (`samplers = ()`), or its own (`samplers` names them, `draw` runs them)
+    how it samples     any sigma-grid sampler (`samplers = ()`), or its own (`samplers` names them, `draw` runs them);
+                       codecs generate nothing (`generates = False`) and `reconstruct` instead
+    what it logs       optionally numbers measured on held-out data during training (`monitor`)
     its likelihood     by the probability-flow ODE (diffkit.likelihood), exact (`log_prob`, flows), or none
     how it is derived  optionally a command that makes a new run of it from a trained one (`command`)
 
@@ -65,6 +67,7 @@ class Method:
     extra_scalars = 0  # scalar inputs its net takes besides c_noise (a shortcut model's step size)
     samplers: tuple[str, ...] = ()  # its own samplers, the first the default; (): diffkit.samplers' grid samplers
     likelihood: str | None = "ode"  # "ode" (its Precond's PF-ODE), "exact" (`log_prob`) or None (none defined)
+    generates = True  # False: a codec (tokenizer), which reconstructs its input instead of sampling
     command: str | None = None  # `diffkit <command> RUN --out NEW`: a new run of this method from a trained one
     command_help = ""
     options: tuple[Option, ...] = ()
@@ -104,6 +107,11 @@ class Method:
         """What a report says about the method, one entry per fact."""
         return {"method": self.name, **cfg.objective.args}
 
+    def monitor(self, cfg, held: Callable[[], Tensor]) -> Callable[[nn.Module], dict[str, float]] | None:
+        """A function of the EMA model that the loop logs every train.log_every steps, measured on the held-out
+        data `held()` returns; None (the default): nothing beyond the loss."""
+        return None
+
     # --- sampling -----------------------------------------------------------------------------------------
     def sampler_name(self, requested: str | None, default: str) -> str:
         """The sampler a run of this method uses when `requested` (None: the config's `default`) is asked for."""
@@ -118,6 +126,10 @@ class Method:
              n_classes: int) -> Callable[[Tensor, Any], tuple[Tensor, int]]:
         """Its own `sampler` bound to a trained model: draw(z, noise) -> (samples, NFE per sample) from unit noise
         z (B, *shape) and its NoiseSource. Methods with `samplers` override this."""
+        raise NotImplementedError
+
+    def reconstruct(self, model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Codecs (generates = False): (reconstructions of x, statistics of its codes)."""
         raise NotImplementedError
 
     def log_prob(self, model: nn.Module, x: Tensor, cond: Tensor | None = None) -> Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 
+from diffkit.codecs.tokenizer import TokenizerMethod
 from diffkit.flows.tarflow import TarFlowMethod
 from diffkit.method import Method
 from diffkit.objectives import DenoisingMethod
@@ -16,7 +17,7 @@ from diffkit.onestep.shortcut import ShortcutMethod
 from diffkit.onestep.sid import SiDMethod
 
 METHODS: dict[str, Method] = {m.name: m for m in (DenoisingMethod(), ShortcutMethod(), ReflowMethod(), SiDMethod(),
-                                                   TarFlowMethod())}
+                                                   TarFlowMethod(), TokenizerMethod())}
 
 
 def get(name: str) -> Method:

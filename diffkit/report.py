@@ -27,7 +27,8 @@ def results(folder: Path, name: str, data: dict, lines: list[str]) -> None:
     print("\n".join(lines))
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure to path atomically (temp file + rename) and close it."""
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -73,7 +74,7 @@ def panels(path: Path, sets: dict[str, torch.Tensor], *, title: str = "", cols: 
     if title:
         fig.suptitle(textwrap.fill(title, int(18 * cols)), fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def loss_curve(metrics_jsonl: Path, path: Path) -> None:
@@ -85,7 +86,7 @@ def loss_curve(metrics_jsonl: Path, path: Path) -> None:
     ax.set_yscale("log" if all(r["loss"] > 0 for r in rows) else "symlog")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from diffkit import config as configs
 from diffkit import data as datasets
-from diffkit import calibration, generate, likelihood, registry, report
+from diffkit import calibration, generate, latent, likelihood, registry, report
 from diffkit.config import Config
-from diffkit.eval import metrics
+from diffkit.eval import distortion, metrics
 from diffkit.method import Method, Trained
 from diffkit.train import checkpoint
 from diffkit.train.loop import resume_point, train
@@ -81,10 +81,18 @@ def _check_same_config(run_dir: Path, ck: checkpoint.Checkpoint | None, info: di
                          + "); pass a new --out folder (or the same config to resume; only train.steps may change)")
 
 
+def _reference(cfg: Config, x: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n training images of a run: its data, or a reflow run's teacher samples (the couples), decoded
+    when the teacher is a latent run."""
+    return latent.decode(cfg, x[:n, 0]) if cfg.data.couples is not None else x[:n]
+
+
 def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
-    """Train cfg in run_dir (resuming if it has checkpoints), then write samples, loss curve and report."""
+    """Train cfg in run_dir (resuming if it has checkpoints), then write samples (a codec's reconstructions), loss
+    curve and report. A latent run (data.tokenizer) trains on the tokenizer's latents of the data."""
     run_dir = Path(run_dir)
-    x, y = configs.dataset(cfg, "train")
+    images, y = configs.dataset(cfg, "train")
+    x = latent.encode(cfg, images)
     n_classes = configs.num_classes(cfg, y)
     info = _run_info(cfg, x, n_classes)
     resumed, length_changes = resume_point(run_dir, cfg.train)
@@ -97,20 +105,27 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
     denoiser = denoiser.to(_device())
     model = configs.trainable(cfg, denoiser)
     objective = configs.objective(cfg, n_classes, teacher=denoiser if cfg.model.init is not None else None)
+    method = registry.get(cfg.objective.name)
+    monitor = method.monitor(cfg, lambda: configs.dataset(cfg, "test")[0])
     # The folder is made only once the config has built: a config error must not leave a config.yaml behind
     # that makes the corrected command fail as "a run made with a different config".
     run_dir.mkdir(parents=True, exist_ok=True)
     report.atomic_write(run_dir / "config.yaml", yaml.safe_dump(info, sort_keys=False))
-    ema = train(model, objective, x, y, cfg.train, run_dir, config=info, progress=progress)
+    ema = train(model, objective, x, y, cfg.train, run_dir, config=info, monitor=monitor, progress=progress)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return run_dir  # under DDP, rank 0 alone writes the run's pictures and report
     report.loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     shown = 64 if len(shape) > 1 else 2000  # an image grid, or enough points to see a 2-D distribution
-    samples, nfe = generate.sample(ema.model, cfg, shape, shown, n_classes=n_classes, progress=progress)
-    name = generate.sampler_name(cfg, None)
-    title = f"{name}, {nfe} NFE, EMA weights after {cfg.train.steps} steps"
-    data = x[:shown, 0] if cfg.data.couples is not None else x[:shown]
-    report.panels(run_dir / "samples.png", {"training data": data, "samples": samples}, title=title)
+    data = _reference(cfg, images, shown)
+    if method.generates:
+        samples, nfe = generate.sample(ema.model, cfg, shape, shown, n_classes=n_classes, progress=progress)
+        title = f"{generate.sampler_name(cfg, None)}, {nfe} NFE, EMA weights after {cfg.train.steps} steps"
+        report.panels(run_dir / "samples.png", {"training data": data, "samples": samples}, title=title)
+    else:
+        held = configs.dataset(cfg, "test")[0][:shown]
+        recon, _ = method.reconstruct(ema.model, held)
+        title = f"held-out images and their reconstructions, EMA weights after {cfg.train.steps} steps"
+        report.panels(run_dir / "samples.png", {"held-out": held, "reconstructions": recon}, title=title)
     facts = configs.describe(cfg)
     lines = [f"# Training run {run_dir.name}", "", report.table([facts], list(facts)), ""]
     for c in length_changes:
@@ -227,17 +242,37 @@ def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, s
     """Sample n and score them against the held-out split, next to the real-data floor (n training points
     scored the same way); writes eval-... .json (output_name) in the run folder.
 
-    grid: as in sample_run."""
+    grid: as in sample_run. A codec run (a tokenizer) is scored by its reconstructions instead (`reconstruction`)."""
+    if not registry.get(load_run(run_dir)[0].objective.name).generates:
+        return reconstruction_run(run_dir, n=n)
     cfg, model, shape, n_classes, name, sigmas = sampling(run_dir, grid, sampler, steps, None, None)
     x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, sigmas=sigmas, seed=seed, fast=fast,
                              progress=progress)
     scores = evaluate(cfg, x)
     train_x, _ = configs.dataset(cfg, "train")
-    floor = evaluate(cfg, train_x[:n, 0] if cfg.data.couples is not None else train_x[:n])
+    floor = evaluate(cfg, _reference(cfg, train_x, n))
     result = {"sampler": name, "grid": grid or cfg.sample.grid, "nfe": nfe, "n": n, "seed": seed, "fast": fast,
               **scores, "real_data_floor": floor, "notes": notes(scores, n)}
     report.atomic_write(Path(run_dir) / (output_name("eval", cfg, name, grid, nfe, n=n, seed=seed, fast=fast) + ".json"),
                         json.dumps(result, indent=2))
+    return result
+
+
+def reconstruction_run(run_dir: Path, *, n: int | None = None) -> dict:
+    """A codec run's held-out scores: PSNR (dB), MS-SSIM (images of 161 pixels or more) and its codes' usage,
+    perplexity and dead codes over the first n held-out images; writes reconstruction-n<N>.json."""
+    cfg, model, _, _ = load_run(run_dir)
+    held, _ = configs.dataset(cfg, "test")
+    held = held[:n]
+    recon, stats = registry.get(cfg.objective.name).reconstruct(model, held)
+    result = {"n": len(held), "psnr": distortion.psnr(recon, held).mean().item()}
+    if min(held.shape[-2:]) >= distortion.MS_SSIM_MIN_SIDE:
+        result["ms_ssim"] = distortion.ms_ssim(recon, held).mean().item()
+    else:
+        result["notes"] = [f"no MS-SSIM: the images are {tuple(held.shape[-2:])} pixels, below the "
+                           f"{distortion.MS_SSIM_MIN_SIDE} its five scales need"]
+    result |= stats
+    report.atomic_write(Path(run_dir) / f"reconstruction-n{len(held)}.json", json.dumps(result, indent=2))
     return result
 
 
@@ -256,6 +291,9 @@ def likelihood_run(run_dir: Path, *, n: int | None = None, seed: int = 0, batch:
     if method.likelihood is None:
         raise ValueError(f"{run_dir} is a {cfg.objective.name} run, whose model defines no likelihood; bits/dim is "
                          "for denoising, reflow and flow runs")
+    if cfg.data.tokenizer is not None:
+        raise ValueError(f"{run_dir} models a tokenizer's latents: their density is not one of the images (the "
+                         "decoder is not invertible), so it has no bits/dim of the data")
     held, _ = configs.dataset(cfg, "test")
     x, levels, device = held[:n], configs.levels(cfg), _device()
     dims, g = x[0].numel(), torch.Generator().manual_seed(seed)

@@ -60,3 +60,31 @@ def test_scaling_benchmark_quick_writes_results(tmp_path):
     assert set(res["scaling_fit"]) == {"E", "A", "B", "alpha", "beta"}
     assert math.isfinite(res["scaling_holdout_rel_error"]) and sum(r["held_out"] for r in res["rows"]) == 7
     assert (tmp_path / "scaling.md").exists() and (tmp_path / "scaling.png").exists()
+
+
+def test_tokenizer_benchmark_quick_writes_results(tmp_path):
+    assert cli.main(["bench", "tokenizers", "--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work")]) == 0
+    res = json.loads((tmp_path / "tokenizers.json").read_text())
+    for key in ("photos_psnr", "photos_usage", "digits_psnr", "digits_usage"):
+        assert set(res[key]) == {"ste", "rotation", "simvq", "fsq"}
+    assert all(0 < u <= 1 for u in res["photos_usage"].values())
+    assert math.isfinite(res["digits_fd_latent"]) and math.isfinite(res["digits_fd_pixel"])
+    # The latent run trained on the latents of the tokenizer the benchmark named as the best.
+    cfg = run.load_run(tmp_path / "work" / f"digits-latent-{res['latent_tokenizer']}")[0]
+    assert cfg.data.tokenizer.endswith(f"digits-{res['latent_tokenizer']}")
+    assert (tmp_path / "tokenizers.png").exists() and (tmp_path / "tokenizers-reconstructions.png").exists()
+
+
+def test_codec_benchmark_quick_writes_results(tmp_path):
+    tiny = configs.load("configs/photos-unet.yaml", ["train.steps=2", "data.stride=32", "train.batch=8",
+                                                     "model.args={channels: 8, channel_mult: [1], num_res_blocks: 1, "
+                                                     "attn_resolutions: [], num_groups: 4}"])
+    run.train_run(tiny, tmp_path / "photos", progress=False)
+    assert cli.main(["bench", "codec", "--quick", "--run", str(tmp_path / "photos"), "--out", str(tmp_path),
+                     "--work", str(tmp_path / "work")]) == 0
+    res = json.loads((tmp_path / "codec.json").read_text())
+    assert {r["codec"] for r in res["rows"]} == {"DDCM", "JPEG", "WebP"}
+    assert all(math.isfinite(r["psnr"]) and 0 < r["ms_ssim"] <= 1 for r in res["rows"])
+    assert res["webp_min_bpp"] == min(r["bpp"] for r in res["rows"] if r["codec"] == "WebP")
+    assert "ddcm_bpp_over_webp_at_webp_min_quality" in res and len(res["headline_per_photo"]) == 3
+    assert (tmp_path / "codec.png").exists() and (tmp_path / "codec-reconstructions.png").exists()

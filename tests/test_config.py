@@ -5,8 +5,9 @@ import pytest
 import yaml
 
 from diffkit import config, generate
-from diffkit.samplers.advice import few_step_warning
+from diffkit.codecs.tokenizer import Tokenizer
 from diffkit.flows.tarflow import Flow
+from diffkit.samplers.advice import few_step_warning
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,9 @@ def test_shipped_configs_build(name):
     config.objective(cfg, config.num_classes(cfg, y))
     if cfg.model.net == "tarflow":  # a flow: no path or prediction
         assert isinstance(model, Flow)
+    elif cfg.objective.name == "tokenizer":  # a codec: no path, no sampling
+        assert isinstance(model, Tokenizer)
+        return
     else:
         assert model.prediction == cfg.model.prediction
     # No shipped recipe samples by default with a setting the few-step rule warns about.
@@ -80,7 +84,7 @@ BAD = [  # (overrides, what the message must say): each refused when the config 
     (["train.micro_batch=1000"], "train.micro_batch must be in"),
     (["train.lr=-1e-3"], "train.lr must be >= 0"),
     (["train.steps.x=1"], "train.steps must be an integer"),
-    (["data.name=checkerboard", "data.conditional=true"], "the checkerboard toy has none"),
+    (["data.name=checkerboard", "data.conditional=true"], "checkerboard has none"),
     (["data.name=folder"], "needs data.source"),
     (["model.path=vp"], "unknown model.path 'vp'"),
     (["train.cosine=1"], "train.cosine must be true or false"),

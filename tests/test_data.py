@@ -104,3 +104,38 @@ def test_hf_dataset_without_the_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match=r"pip install 'diffkit\[hf\]'"):
         data.hf_dataset("x", 8)
+
+
+def test_photos_split_by_photo_and_cut_deterministically(monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the photos must load with no network")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    assert not set(data.PHOTOS["train"]) & set(data.PHOTOS["test"])
+    train, test = data.photos("train"), data.photos("test")
+    # Every patch is a crop of its own split's photos, at the stride, row-major from the top-left corner.
+    first = data.photo(data.PHOTOS["train"][0])
+    assert torch.equal(train[0], first[:, :32, :32]) and torch.equal(train[1], first[:, :32, 32:64])
+    rows, cols = first.shape[1] // 32, first.shape[2] // 32
+    assert torch.equal(train[cols], first[:, 32:64, :32])
+    counts = [(data.photo(n).shape[1] // 32) * (data.photo(n).shape[2] // 32) for n in data.PHOTOS["test"]]
+    assert len(test) == sum(counts) and train.shape[1:] == (3, 32, 32)
+    assert train.min() >= -1 and train.max() <= 1 and torch.equal(data.photos("train"), train)
+    # No held-out patch appears among the training patches (the split is by photo).
+    flat_train = train.flatten(1)
+    assert torch.cdist(test[::50].flatten(1), flat_train).min() > 0.5
+    overlap = data.photos("test", size=16, stride=8)
+    assert len(overlap) == sum((data.photo(n).shape[1] - 8) // 8 * ((data.photo(n).shape[2] - 8) // 8)
+                               for n in data.PHOTOS["test"])
+    grey = data.photos("test", channels=1)
+    torch.testing.assert_close(grey[0, 0], 0.299 * test[0, 0] + 0.587 * test[0, 1] + 0.114 * test[0, 2])
+
+
+def test_photos_bad_input():
+    with pytest.raises(ValueError, match="split must be"):
+        data.photos("validation")
+    with pytest.raises(ValueError, match="unknown photo"):
+        data.photo("lena")
+    with pytest.raises(ValueError, match="channels"):
+        data.photos(channels=4)

@@ -179,8 +179,12 @@ def _check_labels(labels: Tensor | None, n: int, model: nn.Module) -> None:
 
 
 def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | None, settings: TrainSettings,
-          run_dir: Path, *, config: dict | None = None, progress: bool = True) -> EMA:
-    """Train `model` (a Precond) on (x, labels) and return its EMA; resumes from run_dir's latest checkpoint."""
+          run_dir: Path, *, config: dict | None = None, monitor: Callable[[nn.Module], dict] | None = None,
+          progress: bool = True) -> EMA:
+    """Train `model` (a Precond) on (x, labels) and return its EMA; resumes from run_dir's latest checkpoint.
+
+    monitor: a function of the EMA model whose numbers join each metrics.jsonl row (a method's held-out
+    measurements, e.g. a tokenizer's codebook usage)."""
     _check_labels(labels, len(x), model)
     run_dir = Path(run_dir)
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -305,6 +309,8 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
                     row |= {k if name is None else f"{k}_{name}": v for k, v in clipper.drain().items()}
                 # Timed after the reads above, which wait for the device to finish the step.
                 row["samples_per_s"] = settings.batch * (step + 1 - start) / (time.perf_counter() - t0)
+                if monitor is not None:
+                    row |= monitor(ema.model)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{row['loss']:.4f}")

@@ -1,0 +1,1 @@
+"""Codecs: models that turn images into codes and back (quantized autoencoders, the tokenizers of latent diffusion)."""
