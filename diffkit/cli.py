@@ -22,7 +22,8 @@ from diffkit.grids import NAMED as GRIDS  # noqa: E402
 
 BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py", "onestep": "onestep.py",
               "throughput": "throughput.py", "likelihood": "likelihood.py", "bad_input": "bad_input.py",
-              "tokenizers": "tokenizers.py", "codec": "codec.py"}
+              "tokenizers": "tokenizers.py", "codec": "codec.py", "optimizers": "optimizers.py",
+              "scaling": "scaling.py"}
 
 
 def _benchmarks_dir() -> Path | None:
@@ -150,6 +151,17 @@ def main(argv: list[str] | None = None) -> int:
         for o in method.options:
             p.add_argument(f"--{o.name}", type=o.type, default=o.default, help=o.help)
 
+    t = sub.add_parser("tune", help="measure a trained run's gradient noise scale and suggest the learning rate for "
+                                    "other batch sizes")
+    t.add_argument("what", choices=["batch"])
+    t.add_argument("run", type=Path, help="run folder")
+    t.add_argument("--batch", type=_positive, nargs="+", help="batch sizes to suggest a learning rate for "
+                                                             "(default: half, 2x and 4x the run's)")
+    t.add_argument("--pairs", type=_positive, default=50, help="gradient pairs averaged (default 50)")
+    t.add_argument("--small", type=_positive, default=16, help="the small batch of each pair (default 16)")
+    t.add_argument("--big", type=_positive, default=256, help="the big batch of each pair (default 256)")
+    t.add_argument("--seed", type=int, default=0)
+
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ and write benchmarks/results/")
     b.add_argument("name", help=f"one of: {', '.join(BENCHMARKS)}")
     b.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
@@ -198,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"error {record['calibration_error']:.4g} (the config's {record['config_grid']} grid: "
                   f"{record['config_grid_error']:.4g}); sample with --grid calibrated --sampler {record['sampler']} "
                   f"--steps {record['steps']}" + how.replace(", label ", " --label ").replace(", guidance ", " --guidance "))
+            return 0
+        if args.command == "tune":
+            from diffkit import tune
+
+            result = tune.batch(args.run, batches=args.batch, small=args.small, big=args.big, pairs=args.pairs,
+                                seed=args.seed)
+            print(tune.describe(result))
             return 0
         if args.command == "compress":
             from diffkit import compression

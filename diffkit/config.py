@@ -22,7 +22,7 @@ from diffkit import data as datasets
 from diffkit import grids, paths, registry, samplers
 from diffkit.onestep import reflow
 from diffkit.precond import PREDICTIONS, Precond
-from diffkit.train import optim
+from diffkit.train import clip, optim, spectral
 from diffkit.train.loop import TrainSettings
 
 
@@ -94,6 +94,11 @@ def _coerce(value, annotation: str, where: str):
     """YAML 1.1 reads 3e-4 as a string: convert to the field's number type, or say what is wrong (2.7 is not an
     integer; a mapping is not a number)."""
     kind = annotation.split(" | ")[0]
+    if isinstance(value, str) and "str" in annotation.split(" | ")[1:]:  # a number or a name (grad_clip: auto)
+        try:
+            return float(value)
+        except ValueError:
+            return value  # validate checks the name
     if value is None or kind not in ("float", "int", "bool", "str", "dict"):
         return value
     if kind == "dict":
@@ -138,7 +143,8 @@ def from_dict(values: dict) -> Config:
     return validate(_build(Config, _merge(default, values or {}), "config"))
 
 
-POSITIVE = {"train": ("steps", "batch", "checkpoint_every", "keep", "log_every", "max_nonfinite"), "data": ("n",),
+POSITIVE = {"train": ("steps", "batch", "checkpoint_every", "keep", "log_every", "max_nonfinite", "spectral_base"),
+            "data": ("n",),
             "sample": ("steps",)}
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -166,7 +172,7 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"train.micro_batch must be in [1, train.batch = {t.batch}] (or null), got {t.micro_batch}")
     for key, ok, rule in (("train.lr", t.lr >= 0, ">= 0"), ("train.warmup", t.warmup >= 0, ">= 0"),
                           ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1)"),
-                          ("train.ema_rampup", t.ema_rampup >= 0, ">= 0"), ("train.grad_clip", t.grad_clip > 0, "> 0"),
+                          ("train.ema_rampup", t.ema_rampup >= 0, ">= 0"),
                           ("objective.label_dropout", 0 <= o.label_dropout < 1, "in [0, 1)"),
                           ("sample.rho", s.rho > 0, "> 0")):
         if not ok:
@@ -175,6 +181,13 @@ def validate(cfg: Config) -> Config:
         raise ValueError("train.precision=fp16 is not supported (it needs loss scaling): use bf16, fp32 or auto")
     _choice(t.precision, PRECISIONS, "train.precision")
     _choice(t.optimizer, optim.OPTIMIZERS, "train.optimizer")
+    optim.check_installed(t.optimizer)
+    _choice(t.muon_adjust_lr, optim.MUON_ADJUST, "train.muon_adjust_lr")
+    _choice(t.parametrization, spectral.PARAMETRIZATIONS, "train.parametrization")
+    clip.check(t.grad_clip)
+    if t.parametrization == "spectral" and m.init is not None:
+        raise ValueError("train.parametrization=spectral draws the initial weights itself; it cannot start from "
+                         f"model.init={m.init} (use train.parametrization=standard there)")
     _choice(m.path, list(PATHS), "model.path")
     _choice(m.prediction, [*PREDICTIONS, "edm"], "model.prediction")
     _choice(m.net, list(_nets()), "model.net")

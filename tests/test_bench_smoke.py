@@ -43,6 +43,25 @@ def test_onestep_benchmark_quick_writes_results(tmp_path):
     assert (tmp_path / "onestep.md").exists() and (tmp_path / "onestep-checkerboard.png").exists()
 
 
+def test_optimizers_benchmark_quick_writes_results(tmp_path):
+    pytest.importorskip("pytorch_optimizer")
+    assert cli.main(["bench", "optimizers", "--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "optimizers.json").read_text())
+    assert {r["optimizer"] for r in res["optimizers"]} == {"adamw", "muon", "lion", "tiger"}
+    assert set(res["lr_transfer_spectral"]) == set(res["lr_transfer_standard"]) == {"adamw", "muon"}
+    assert [r["grad_clip"] for r in res["clip"]] == ["1.0", "auto", ".inf"]
+    assert all(0 <= r["clipped_fraction"] <= 1 for r in res["clip"])
+    assert (tmp_path / "optimizers.md").exists() and (tmp_path / "optimizers.png").exists()
+
+
+def test_scaling_benchmark_quick_writes_results(tmp_path):
+    assert cli.main(["bench", "scaling", "--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "scaling.json").read_text())
+    assert set(res["scaling_fit"]) == {"E", "A", "B", "alpha", "beta"}
+    assert math.isfinite(res["scaling_holdout_rel_error"]) and sum(r["held_out"] for r in res["rows"]) == 7
+    assert (tmp_path / "scaling.md").exists() and (tmp_path / "scaling.png").exists()
+
+
 def test_tokenizer_benchmark_quick_writes_results(tmp_path):
     assert cli.main(["bench", "tokenizers", "--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work")]) == 0
     res = json.loads((tmp_path / "tokenizers.json").read_text())

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from diffkit.train import checkpoint, fast, optim
+from diffkit.train import checkpoint, clip, fast, optim, spectral
 from diffkit.train.ema import EMA
 
 
@@ -42,15 +42,19 @@ class TrainSettings:
     steps: int = 3000
     batch: int = 256  # global batch per optimizer step
     micro_batch: int | None = None  # per forward/backward; default batch / world size
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw | muon (+AdamW for the rest) | lion | tiger (train.optim)
     lr: float = 1e-3
     muon_lr: float = 0.02
+    muon_adjust_lr: str = "original"  # torch Muon's lr adjustment: original | match_rms_adamw
+    sign_embeddings_adamw: bool = True  # lion/tiger: embedding tables train with AdamW (the embedding anomaly)
+    parametrization: str = "standard"  # standard | spectral (train.spectral: init and per-layer lr)
+    spectral_base: int = 256  # spectral: the fan-in whose layers keep lr x 1 (the width the lr was tuned at)
     weight_decay: float = 0.0
     adam_beta1: float = 0.9  # SiD uses 0 for both of its networks
     adam_beta2: float = 0.999
     warmup: int = 200
     cosine: bool = True
-    grad_clip: float = 1.0
+    grad_clip: float | str = 1.0  # global-norm clip: a number, .inf (off) or "auto" (train.clip)
     ema_decay: float = 0.999
     ema_rampup: float = 0.0  # EDM's ramp-up ratio: EMA half-life <= ratio x steps so far (0: off; SiD 0.05)
     checkpoint_every: int = 1000
@@ -192,6 +196,8 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
     device = next(model.parameters()).device
     use_bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
 
+    if settings.parametrization == "spectral":  # a resumed run then loads its trained weights over these
+        spectral.init_(model, torch.Generator().manual_seed(_seed(settings.seed, 4)))
     ema = EMA(model, settings.ema_decay, settings.ema_rampup)
     # Objectives that build targets from the EMA weights (shortcut models) declare `uses_ema = True`.
     ema_arg = {"ema": ema.model} if getattr(objective, "uses_ema", False) else {}
@@ -200,7 +206,10 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
     # optimizers skip parameters a phase leaves without gradient.
     phases = getattr(objective, "phases", (None,))
     opts = optim.build(model, settings.optimizer, lr=settings.lr, muon_lr=settings.muon_lr,
-                       weight_decay=settings.weight_decay, betas=(settings.adam_beta1, settings.adam_beta2))
+                       weight_decay=settings.weight_decay, betas=(settings.adam_beta1, settings.adam_beta2),
+                       muon_adjust_lr=settings.muon_adjust_lr, parametrization=settings.parametrization,
+                       spectral_base=settings.spectral_base, sign_embeddings_adamw=settings.sign_embeddings_adamw)
+    clippers = [clip.Clipper(settings.grad_clip, device) for _ in phases]
     start, skipped_total = 0, 0
     ck, length_changes = resume_point(run_dir, settings)
     if ck is not None:
@@ -211,6 +220,8 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
         for opt, state in zip(opts, ck.optimizers):
             opt.load_state_dict(state)
         start, skipped_total = ck.step, ck.extra.get("skipped_steps", 0)
+        for clipper, state in zip(clippers, ck.extra.get("clip", [])):
+            clipper.load_state_dict(state)
     raw_net = model.net
     if settings.compile and device.type == "cuda":
         model.net = fast.prepare(model.net, device, compile=True)
@@ -222,7 +233,8 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
 
     def save(step: int) -> None:
         if rank == 0:
-            extra = {"skipped_steps": skipped_total, "settings": asdict(settings), "length_changes": length_changes}
+            extra = {"skipped_steps": skipped_total, "settings": asdict(settings), "length_changes": length_changes,
+                     "clip": [c.state_dict() for c in clippers]}
             checkpoint.save(run_dir, step, model={f"net.{k}": v for k, v in raw_net.state_dict().items()},
                             ema=ema.state_dict(), optimizers=[opt.state_dict() for opt in opts], extra=extra,
                             config=config or {}, keep=settings.keep)
@@ -266,7 +278,7 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
                 if world > 1:
                     dist.all_reduce(total)
                     total /= world
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                grad_norm = clippers[p](model.parameters())  # pre-clip; kept on the device for the log
                 # A non-finite gradient skips the step as a non-finite loss does (a loss may mask NaN samples out).
                 # This flag is the one value a phase reads back from the device.
                 ok = bool(torch.isfinite(total + grad_norm))
@@ -291,9 +303,10 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
             if log is not None and consecutive == 0 and ((step + 1) % settings.log_every == 0 or last):
                 row = {"step": step + 1, "loss": sum(losses).item(), "lr": opts[0].param_groups[0]["lr"],
                        "grad_norm": torch.stack(norms).norm().item(), "skipped_steps": skipped_total}
-                for name, phase_loss, phase_norm in zip(phases, losses, norms):
+                for name, phase_loss, phase_norm, clipper in zip(phases, losses, norms, clippers):
                     if name is not None:
                         row |= {f"loss_{name}": phase_loss.item(), f"grad_norm_{name}": phase_norm.item()}
+                    row |= {k if name is None else f"{k}_{name}": v for k, v in clipper.drain().items()}
                 # Timed after the reads above, which wait for the device to finish the step.
                 row["samples_per_s"] = settings.batch * (step + 1 - start) / (time.perf_counter() - t0)
                 if monitor is not None:
