@@ -1,0 +1,1 @@
+"""Interoperability with other libraries' model folders (diffusers), both ways; no network."""
