@@ -6,8 +6,9 @@ fixes the path, prediction and time input (diffkit.interop.schedule); the model 
 (nets.diffusers_unet.DiffusersNet) inside a Precond, so every diffkit sampler, grid and guidance wrapper runs on
 it. Weights load from safetensors only (a folder with only .bin files is refused: those are pickles).
 
-Export saves a run whose net is `diffusers_unet2d` on a VP path as a DDPMPipeline folder (DDIMPipeline loads the
-same folder) with trained_betas that reproduce the run's path (schedule.scheduler_config).
+Export saves a run whose net is `diffusers_unet2d` as a DDPMPipeline folder: on a VP path with trained_betas that
+reproduce the run's path (DDIMPipeline loads the same folder), on rectified flow with a flow-matching scheduler
+(DDPMPipeline's loop, model then scheduler.step, is flow-matching Euler with it); schedule.scheduler_config.
 """
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def load_diffusers(folder: str | Path, *, subfolder: str | None = None, device: 
 
 
 def export(model: Precond, path: NoisePath, prediction: str, out: str | Path) -> Path:
-    """Save a trained Precond whose net is DiffusersUNet2D, on a VP path, as a DDPMPipeline folder `out`.
+    """Save a trained Precond whose net is DiffusersUNet2D as a DDPMPipeline folder `out`.
 
     The folder is written beside `out` under a temporary name and renamed into place (an existing `out` is an
     error, never overwritten)."""
@@ -149,8 +150,8 @@ def export(model: Precond, path: NoisePath, prediction: str, out: str | Path) ->
     if out.exists():
         raise FileExistsError(f"{out} exists: pass a new folder")
     diffusers = import_diffusers()
-    config = schedules.scheduler_config(path, prediction, model.net.num_train_timesteps)
-    scheduler = diffusers.DDPMScheduler.from_config(config)
+    config = schedules.scheduler_config(path, prediction, model.net.num_train_timesteps, model.net.time_offset)
+    scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     pipeline = diffusers.DDPMPipeline(unet=model.net.model, scheduler=scheduler)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

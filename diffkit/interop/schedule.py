@@ -18,7 +18,10 @@ network reads N t) are diffkit's RectifiedFlow; their `shift` (SD3's t' = s t / 
 sampling times only, so it shapes the default grid (a Shifted path), not the denoiser.
 
 Export runs the other way: `scheduler_config` writes trained_betas with alpha_bar_i = alpha((i + 1) / N)^2 of
-any VP-scaling diffkit path, so a DDPM/DDIM scheduler reproduces the path at every timestep it can visit.
+any VP-scaling diffkit path (shifted ones too), so a DDPM/DDIM scheduler reproduces the path at every timestep it
+can visit; the net must read timestep N t - 1. Unshifted rectified flow exports as FlowMatchEulerDiscreteScheduler
+(shift 1), whose timestep N t is the net's when it reads N t. A shifted rectified flow does not export: its net reads
+the unshifted time, diffusers' flow nets the interpolation time t' = s t / (1 + (s - 1) t).
 """
 from __future__ import annotations
 
@@ -170,16 +173,27 @@ def from_config(config: dict, *, strict: bool = True) -> Schedule:
 def exported_betas(path: Path, num_train_timesteps: int) -> Tensor:
     """float64 betas whose alpha_bar_i is alpha((i + 1) / N)^2 of a VP-scaling path; an infinite last sigma
     (vp_cosine at t = 1) gets diffusers' cap beta = 0.999 instead."""
-    if path.scaling != "vp":
-        raise ValueError(f"only VP paths export as a DDPM/DDIM scheduler, not a {path.scaling!r}-scaling path")
     t = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
     abar = 1 / (1 + path.sigma(t) ** 2)
     b = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
     return torch.clamp(torch.nan_to_num(b, nan=1.0), max=0.999)
 
 
-def scheduler_config(path: Path, prediction: str, num_train_timesteps: int) -> dict:
-    """A DDPMScheduler config (DDIMScheduler reads the same keys) that reproduces a VP path and prediction."""
+def scheduler_config(path: Path, prediction: str, num_train_timesteps: int, time_offset: float) -> dict:
+    """The scheduler config that reproduces a path, prediction and the net's time input (timestep = N t +
+    time_offset): a DDPMScheduler's (DDIMScheduler reads the same keys) for VP paths, a flow-matching one for
+    rectified flow; anything else is a ValueError that says why."""
+    if type(path) is paths.RectifiedFlow:
+        if prediction != "velocity" or time_offset != 0:
+            raise ValueError("a rectified-flow run exports as flow matching only with model.prediction: velocity and "
+                             "model.args.time_offset: 0 (diffusers' flow nets read timestep N t)")
+        return {"_class_name": FLOW_SCHEDULERS[0], "num_train_timesteps": num_train_timesteps, "shift": 1.0}
+    if path.scaling != "vp":
+        raise ValueError(f"{path!r} does not export to diffusers: VP paths export as DDPM/DDIM schedulers and unshifted "
+                         "rectified flow as flow matching (a shifted flow's net reads the unshifted time)")
+    if time_offset != -1:
+        raise ValueError("a VP run exports only with model.args.time_offset: -1 (DDPM/DDIM timestep i is path time "
+                         "(i + 1) / N)")
     names = {v: k for k, v in PREDICTIONS.items()}
     if prediction not in names:
         raise ValueError(f"prediction {prediction!r} has no diffusers prediction_type; export needs eps, v or x0")

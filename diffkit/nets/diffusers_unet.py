@@ -20,15 +20,17 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-INSTALL_HINT = "diffusers is not installed: pip install 'diffkit[interop]' (or pip install diffusers)"
+class MissingDiffusers(ImportError):
+    """diffusers is needed and not installed; the message says how to install it."""
 
 
 def import_diffusers():
-    """The diffusers module, or an ImportError that says how to install it."""
+    """The diffusers module, or MissingDiffusers saying how to install it."""
     try:
         import diffusers
     except ImportError as err:
-        raise ImportError(INSTALL_HINT) from err
+        raise MissingDiffusers("diffusers is not installed: pip install 'diffkit[interop]' (or pip install "
+                               "diffusers)") from err
     return diffusers
 
 
@@ -72,6 +74,9 @@ class DiffusersNet(nn.Module):
                 raise ValueError(f"{type(self.model).__name__} takes no conditioning: pass cond=None")
         elif self._takes_text and not self._takes_labels:
             raise ValueError(f"{type(self.model).__name__} needs encoder_hidden_states: pass them as cond")
+        elif getattr(self.model.config, "num_class_embeds", None) or getattr(self.model.config, "class_embed_type", None):
+            raise ValueError(f"this {type(self.model).__name__} is class-conditional: pass class labels as cond "
+                             "(diffkit sample --label K)")
         out = self.model(x.to(dtype), self.timestep(c_noise.expand(x.shape[0])), **kwargs, return_dict=False)[0]
         return out[:, :self._channels]
 
@@ -80,9 +85,9 @@ class DiffusersUNet2D(DiffusersNet):
     """diffusers' UNet2DModel as a diffkit backbone (`model.net: diffusers_unet2d`).
 
     The arguments are UNet2DModel's (block_out_channels, layers_per_block, down/up block types, ...). Labels use
-    num_classes + 1 class embeddings, the last one "no label", as diffkit's own nets do. The time input follows the
-    discrete VP convention (time_offset = -1), so a VP run exports as a DDPM/DDIM pipeline whose timestep i is
-    path time (i + 1) / num_train_timesteps.
+    num_classes + 1 class embeddings, the last one "no label", as diffkit's own nets do. time_offset picks the
+    scheduler the run exports to: -1 (default) for VP paths, whose DDPM/DDIM timestep i is path time (i + 1) / N;
+    0 for rectified flow, whose flow-matching timestep is N t.
     """
 
     muon_exclude = ("model.conv_in", "model.conv_out", "model.time_embedding", "model.class_embedding")
@@ -91,7 +96,7 @@ class DiffusersUNet2D(DiffusersNet):
                  block_out_channels: tuple[int, ...] = (32, 64), layers_per_block: int = 1,
                  down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D"),
                  up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "UpBlock2D"), norm_num_groups: int = 8,
-                 attention_head_dim: int = 8, dropout: float = 0.0):
+                 attention_head_dim: int = 8, dropout: float = 0.0, time_offset: float = -1.0):
         diffusers = import_diffusers()
         unet = diffusers.UNet2DModel(
             sample_size=image_size, in_channels=in_channels, out_channels=in_channels,
@@ -99,7 +104,7 @@ class DiffusersUNet2D(DiffusersNet):
             down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
             norm_num_groups=norm_num_groups, attention_head_dim=attention_head_dim, dropout=dropout,
             num_class_embeds=num_classes + 1 if num_classes else None)
-        super().__init__(unet, num_train_timesteps=num_train_timesteps, time_offset=-1.0)
+        super().__init__(unet, num_train_timesteps=num_train_timesteps, time_offset=time_offset)
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None, *, extra: Tensor | None = None) -> Tensor:
         if cond is None and self.model.config.num_class_embeds:  # no label: the null class, as LabelEmbedding does

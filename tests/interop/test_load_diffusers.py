@@ -14,6 +14,8 @@ from diffkit import grids, samplers
 from diffkit.interop import schedule
 from diffkit.interop.diffusers import load_diffusers
 
+from .loop import reference as _reference
+
 diffusers = pytest.importorskip("diffusers")
 
 BETAS = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -65,17 +67,6 @@ def _folder(models, tmp_path, model: str, scheduler) -> str:
         (folder / f.name).symlink_to(f)
     scheduler.save_config(folder)
     return str(folder)
-
-
-def _reference(scheduler, net, latents, steps, *, cond=None, generator=None, **timesteps):
-    """The loop of diffusers' pipelines: scale by init_noise_sigma, scale_model_input, model, step."""
-    scheduler.set_timesteps(steps, **timesteps) if steps else scheduler.set_timesteps(**timesteps)
-    x = latents * getattr(scheduler, "init_noise_sigma", 1.0)
-    for t in scheduler.timesteps:
-        inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        out = net(inp, t.expand(len(x)), **(cond or {}), return_dict=False)[0][:, :latents.shape[1]]
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
-    return x
 
 
 def _vp_grid(loaded, timesteps) -> torch.Tensor:
