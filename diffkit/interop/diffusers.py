@@ -12,6 +12,7 @@ reproduce the run's path (DDIMPipeline loads the same folder), on rectified flow
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -136,6 +137,23 @@ def load_diffusers(folder: str | Path, *, subfolder: str | None = None, device: 
     shape, classes, conditioning = _facts(config)
     return Loaded(DiffusersDenoiser(net, schedule.path, schedule.prediction), schedule.path, schedule.prediction,
                   schedule, shape, classes, conditioning, scheduler_config)
+
+
+@torch.no_grad()
+def scheduler_sample(loaded: Loaded, scheduler, latents: Tensor, steps: int | None = None, *, cond: Tensor | None = None,
+                     generator: torch.Generator | None = None, **timesteps) -> Tensor:
+    """Sample a loaded model with a diffusers scheduler as diffusers' pipelines do: latents * init_noise_sigma,
+    then per timestep scale_model_input, the model, scheduler.step. The peer of diffkit's samplers on the same
+    model (benchmarks/interop.py, the parity tests). steps or timesteps (e.g. sigmas=[...]) go to set_timesteps;
+    generator to a stochastic step. Returns the scheduler's last sample (B, ...)."""
+    scheduler.set_timesteps(steps, **timesteps) if steps is not None else scheduler.set_timesteps(**timesteps)
+    noise = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    x = latents * getattr(scheduler, "init_noise_sigma", 1.0)
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        out = loaded.denoiser.net.at_timestep(model_input, t.expand(len(x)), cond)
+        x = scheduler.step(out.to(x.dtype), t, x, **noise).prev_sample
+    return x
 
 
 def export(model: Precond, path: NoisePath, prediction: str, out: str | Path) -> Path:

@@ -63,6 +63,10 @@ class DiffusersNet(nn.Module):
     def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None, *, extra: Tensor | None = None) -> Tensor:
         if extra is not None:
             raise ValueError("a diffusers net takes no extra scalars (extra_scalars=0): pass extra=None")
+        return self.at_timestep(x, self.timestep(c_noise.expand(x.shape[0])), cond)
+
+    def at_timestep(self, x: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The model's prediction at its own time input (B,), as a diffusers pipeline calls it."""
         dtype = next(self.model.parameters()).dtype
         kwargs = {}
         if cond is not None:
@@ -77,7 +81,7 @@ class DiffusersNet(nn.Module):
         elif getattr(self.model.config, "num_class_embeds", None) or getattr(self.model.config, "class_embed_type", None):
             raise ValueError(f"this {type(self.model).__name__} is class-conditional: pass class labels as cond "
                              "(diffkit sample --label K)")
-        out = self.model(x.to(dtype), self.timestep(c_noise.expand(x.shape[0])), **kwargs, return_dict=False)[0]
+        out = self.model(x.to(dtype), timestep, **kwargs, return_dict=False)[0]
         return out[:, :self._channels]
 
 

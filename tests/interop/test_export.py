@@ -8,9 +8,7 @@ import torch
 
 from diffkit import cli, samplers
 from diffkit import config as configs
-from diffkit.interop.diffusers import export, load_diffusers
-
-from .loop import reference
+from diffkit.interop.diffusers import export, load_diffusers, scheduler_sample
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -39,7 +37,8 @@ def test_exported_ddim_pipeline_samples_as_diffkit_ddim(tmp_path, path, predicti
     out = export(model, configs.path(cfg), prediction, tmp_path / "pipe")
     pipe = diffusers.DDIMPipeline.from_pretrained(out).to(torch.float64)
     # diffusers' table is a float32 cumprod: use the float64 one of the same (float64, exported) betas.
-    pipe.scheduler.alphas_cumprod = load_diffusers(out).path.alphas_cumprod
+    loaded = load_diffusers(out, dtype=torch.float64)
+    pipe.scheduler.alphas_cumprod = loaded.path.alphas_cumprod
     pipe.scheduler.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
     latents = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     if prediction == "x0":  # the pipeline itself, whose output is clamped to [0, 1] (x0 stays in range)
@@ -47,7 +46,7 @@ def test_exported_ddim_pipeline_samples_as_diffkit_ddim(tmp_path, path, predicti
                    output_type="pt").images
         assert ((got > 0) & (got < 1)).float().mean() > 0.5
     else:  # its loop, unclamped
-        got = reference(pipe.scheduler, pipe.unet, latents, 6)
+        got = scheduler_sample(loaded, pipe.scheduler, latents, 6)
     sigmas = _grid(configs.path(cfg), pipe.scheduler.timesteps)
     x = samplers.get("ddim")(model.double(), latents * torch.sqrt(1 + sigmas[0] ** 2), sigmas)
     want = (x / 2 + 0.5).clamp(0, 1) if prediction == "x0" else x

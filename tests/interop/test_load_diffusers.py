@@ -12,9 +12,7 @@ import torch
 
 from diffkit import grids, samplers
 from diffkit.interop import schedule
-from diffkit.interop.diffusers import load_diffusers
-
-from .loop import reference as _reference
+from diffkit.interop.diffusers import load_diffusers, scheduler_sample
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -86,13 +84,12 @@ def _parity(models, tmp_path, kind, beta, prediction, dtype, model="unet", cond=
     name, cls, options = SCHEDULERS[kind]
     scheduler = cls(beta_schedule=beta, prediction_type=prediction, **options)
     loaded = load_diffusers(_folder(models, tmp_path, model, scheduler), dtype=dtype)
-    net = loaded.denoiser.net.model
     _exact_table(scheduler, loaded, dtype)
     latents = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
     g = torch.Generator().manual_seed(2)
-    expected = _reference(scheduler, net, latents, STEPS, cond=cond and {cond[0]: cond[1]}, generator=g)
+    expected = scheduler_sample(loaded, scheduler, latents, STEPS, cond=cond, generator=g)
     sigmas = _vp_grid(loaded, scheduler.timesteps)
-    denoiser = loaded.denoiser if cond is None else (lambda x, s: loaded.denoiser(x, s, cond[1]))
+    denoiser = loaded.denoiser if cond is None else (lambda x, s: loaded.denoiser(x, s, cond))
     # The scheduler's own start, in the scale-free state (Euler's init_noise_sigma is sigma_max, not
     # sqrt(1 + sigma_max^2), under linspace or trailing spacing: its first state is then sigma_max eps).
     x = latents * scheduler.init_noise_sigma * (1 if kind in SCALE_FREE else torch.sqrt(1 + sigmas[0] ** 2))
@@ -121,10 +118,10 @@ def test_float64_parity(models, tmp_path, kind, beta, prediction):
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("kind, model, cond", [
-    ("dpmpp_2m", "unet_labels", ("class_labels", torch.tensor([0, 2, 1]))),
-    ("euler", "unet_text", ("encoder_hidden_states", torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(5)))),
-    ("ddim", "dit", ("class_labels", torch.tensor([1, 0, 2]))),
+@pytest.mark.parametrize("kind, model, cond", [  # class labels (long) or encoder hidden states (float)
+    ("dpmpp_2m", "unet_labels", torch.tensor([0, 2, 1])),
+    ("euler", "unet_text", torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(5))),
+    ("ddim", "dit", torch.tensor([1, 0, 2])),
 ])
 def test_conditioning_is_passed_through(models, tmp_path, kind, model, cond):
     _close32(*_parity(models, tmp_path, kind, "linear", "epsilon", torch.float32, model=model, cond=cond))
@@ -138,8 +135,7 @@ def test_flow_match_euler_parity(models, tmp_path, shift):
     loaded = load_diffusers(_folder(models, tmp_path, "unet", scheduler))
     assert loaded.prediction == "velocity"
     latents = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    expected = _reference(scheduler, loaded.denoiser.net.model, latents, None,
-                          sigmas=torch.linspace(0.98, 0.1, STEPS).tolist())
+    expected = scheduler_sample(loaded, scheduler, latents, sigmas=torch.linspace(0.98, 0.1, STEPS).tolist())
     t = scheduler.sigmas.to(torch.float64)
     sigmas = torch.cat([t[:-1] / (1 - t[:-1]), torch.zeros(1, dtype=torch.float64)])
     _close32(samplers.get("euler")(loaded.denoiser, latents / (1 - t[0]), sigmas), expected)
