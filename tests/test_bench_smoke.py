@@ -41,3 +41,12 @@ def test_onestep_benchmark_quick_writes_results(tmp_path):
         assert meta["sigmas"] == pytest.approx(sigmas.tolist())
     assert data["straightness"]["teacher"] > 0 and "Straightness" in (tmp_path / "onestep.md").read_text()
     assert (tmp_path / "onestep.md").exists() and (tmp_path / "onestep-checkerboard.png").exists()
+
+
+def test_interop_benchmark_quick_writes_results(tmp_path):
+    assert cli.main(["bench", "interop", "--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "interop.json").read_text())
+    assert {r["side"] for r in res["rows"]} == {"diffusers", "diffkit"}
+    assert {r["sampler"] for r in res["rows"]} >= {"DPM++ 2M", "dpmpp_2m (calibrated grid)"}
+    assert all(math.isfinite(r["digits_fd"]) for r in res["rows"])
+    assert [b["nfe"] for b in res["best_by_nfe"]] == [4] and (tmp_path / "interop.md").exists()

@@ -106,8 +106,9 @@ def _model(model_dir: Path, device, dtype):
         raise FileNotFoundError(f"{model_dir} has no .safetensors weights" + (
             " (only .bin pickles, which diffkit never loads: re-save them with save_pretrained(..., "
             "safe_serialization=True))" if has_bin else ""))
-    model = cls.from_pretrained(model_dir, use_safetensors=True, local_files_only=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False), config
+    model = cls.from_pretrained(model_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
+    model = model.to(device) if dtype is None else model.to(device=device, dtype=dtype)
+    return model.eval().requires_grad_(False), config
 
 
 def _facts(config: dict) -> tuple[tuple[int, ...] | None, int, str]:
