@@ -73,8 +73,14 @@ class DiscreteVP(Path):
         self.knots = torch.cat([abar.new_zeros(1), sigma, last])  # sigma at t = k / N
         self.t_min, self.t_max = 1 / self.num_steps, (self.num_steps - 1 if zero_snr else self.num_steps) / self.num_steps
 
+    def _on(self, device: torch.device) -> Tensor:
+        """The knots on `device`, copied there once (a denoiser call must not copy the table every time)."""
+        if self.knots.device != device:
+            self.knots = self.knots.to(device)
+        return self.knots
+
     def _segment(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        knots = self.knots.to(t.device)
+        knots = self._on(t.device)
         k = torch.clamp(torch.floor(t * self.num_steps), 0, self.num_steps - 1).long()
         return k, knots[k], knots[k + 1]
 
@@ -90,7 +96,7 @@ class DiscreteVP(Path):
 
     def t(self, sigma):
         sigma = paths._as_tensor(sigma).to(torch.float64)
-        knots = self.knots.to(sigma.device)
+        knots = self._on(sigma.device)
         k = torch.clamp(torch.searchsorted(knots, sigma, right=True) - 1, 0, self.num_steps - 1)
         lo, hi = knots[k], knots[k + 1]
         return (k + (sigma - lo) / (hi - lo)) / self.num_steps
