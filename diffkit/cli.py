@@ -1,5 +1,6 @@
-"""The `diffkit` command: demo, train, sample, eval, calibrate, compress, decompress, bench, and the commands of methods
-that derive new runs from trained ones (diffkit.registry: reflow, distill).
+"""The `diffkit` command: demo, train, sample, eval, calibrate, compress, decompress, export, tune, bench, and the
+commands of methods that derive new runs from trained ones (diffkit.registry: reflow, distill). sample and eval also
+take a diffusers folder.
 
 `bench` runs a benchmark script from the source checkout's benchmarks/ folder (benchmarks are not part of
 the installed package); everything after the benchmark's name is passed to it. `train` under torchrun
@@ -19,11 +20,12 @@ if not sys.stderr.isatty():  # a log file: progress bars update every 30 s, not 
 
 from diffkit import registry  # noqa: E402
 from diffkit.grids import NAMED as GRIDS  # noqa: E402
+from diffkit.nets.diffusers_unet import MissingDiffusers  # noqa: E402
 
 BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py", "onestep": "onestep.py",
               "throughput": "throughput.py", "likelihood": "likelihood.py", "bad_input": "bad_input.py",
               "tokenizers": "tokenizers.py", "codec": "codec.py", "optimizers": "optimizers.py",
-              "scaling": "scaling.py"}
+              "scaling": "scaling.py", "interop": "interop.py"}
 
 
 def _benchmarks_dir() -> Path | None:
@@ -93,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--out", type=Path, help="run folder (default: runs/<config name>); resumes if it exists")
 
     for name, text in (("sample", "sample a trained run"), ("eval", "sample a run and score it against held-out data")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("run", type=Path, help="run folder")
+        p = sub.add_parser(name, help=text + " (or a diffusers pipeline folder)")
+        p.add_argument("run", type=Path, help="run folder, or a diffusers pipeline / model folder (model_index.json "
+                                              "or config.json, with its scheduler config)")
         p.add_argument("--sampler", help="default: the run's config")
         p.add_argument("--steps", type=_positive, help="grid steps (default: the run's config)")
         p.add_argument("--grid", choices=[*GRIDS, "calibrated"],
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--likelihood", action="store_true",
                            help="score the held-out split's bits/dim under the model instead of sampling (flows "
                                 "exactly, denoisers by their probability-flow ODE); --n caps the held-out samples")
+            p.add_argument("--data", help="for a diffusers folder: the data to score against (digits or a toy name; "
+                                          "a run knows its own)")
         if name == "sample":
             p.add_argument("--guidance", type=float, help="classifier-free guidance w (1 = plain conditional); "
                                                           "without --label the classes are sampled evenly")
@@ -141,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     de.add_argument("run", type=Path, help="the run the file was compressed with")
     de.add_argument("file", type=Path, help="the .ddcm file")
     de.add_argument("-o", "--out", type=Path, help="the image file (default: the file's name with .png)")
+    e = sub.add_parser("export", help="save a trained run in another library's format (diffusers: runs with "
+                                      "model.net: diffusers_unet2d on a VP path or rectified flow)")
+    e.add_argument("run", type=Path, help="run folder")
+    e.add_argument("out", type=Path, help="the new folder (must not exist)")
+    e.add_argument("--to", required=True, choices=["diffusers"], help="the format: diffusers (a DDPMPipeline folder "
+                                                                      "that DDPMPipeline/DDIMPipeline.from_pretrained load)")
 
     # Methods that make a new run from a trained one (`diffkit reflow`, `diffkit distill`): one command each.
     for command, method in registry.commands().items():
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = run.likelihood_run(args.run, n=args.n, seed=args.seed)
             else:
                 result = run.eval_run(args.run, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
-                                      grid=args.grid, fast=args.fast)
+                                      grid=args.grid, fast=args.fast, data=args.data)
             print(json.dumps(result, indent=2))
             return 0
         if args.command == "calibrate":
@@ -236,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
             image = compression.decompress(args.run, args.file, out)
             print(f"{out}: {image.shape[2]}x{image.shape[1]} pixels")
             return 0
+        if args.command == "export":
+            from diffkit import run
+
+            folder = run.export_run(args.run, args.to, args.out)
+            print(f"exported: {folder} (load it with {args.to}: DDPMPipeline.from_pretrained({str(folder)!r}))")
+            return 0
         if args.command in registry.commands():
             from diffkit import run
 
@@ -245,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.command}: {folder}/report.md")
             return 0
         return bench(args.name, args.args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, MissingDiffusers) as err:
         raise SystemExit(f"diffkit {args.command}: {err}") from err
     except KeyboardInterrupt as err:  # Ctrl-C: one line (training's says which step it saved), status 130
         print(f"diffkit {args.command}: {str(err) or 'interrupted'}", file=sys.stderr)

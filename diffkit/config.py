@@ -41,7 +41,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    net: str = "mlp"  # mlp | unet | dit (denoiser backbones) | tarflow (a flow) | autoencoder (a tokenizer)
+    net: str = "mlp"  # mlp | unet | dit | diffusers_unet2d (denoiser backbones) | tarflow (a flow) | autoencoder
     args: dict = field(default_factory=dict)  # the net's keyword arguments; {} = its own defaults
     path: str = "edm"  # vp_linear | vp_cosine | ve | edm | rectified_flow
     shift: float = 1.0  # log-SNR shift scale (Shifted path) when != 1
@@ -308,12 +308,14 @@ def _nets() -> dict[str, tuple[type, Callable[[tuple[int, ...]], dict]]]:
     """model.net -> (network class, its data-shape arguments for a sample of a given shape)."""
     from diffkit.flows.tarflow import TarFlow
     from diffkit.nets.autoencoder import Autoencoder
+    from diffkit.nets.diffusers_unet import DiffusersUNet2D
     from diffkit.nets.dit import DiT
     from diffkit.nets.mlp import MLP
     from diffkit.nets.unet import UNet
 
     image = lambda shape: {"in_channels": shape[0], "image_size": shape[-1]}  # noqa: E731
     return {"mlp": (MLP, lambda shape: {"dim": math.prod(shape)}), "unet": (UNet, image), "dit": (DiT, image),
+            "diffusers_unet2d": (DiffusersUNet2D, image),
             "tarflow": (TarFlow, lambda shape: {"data_shape": shape}), "autoencoder": (Autoencoder, image)}
 
 

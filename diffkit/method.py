@@ -63,7 +63,7 @@ class Method:
     objective_class: type | None = None  # objective.args are checked against its keyword arguments
     own_args: tuple[str, ...] = ()  # its keyword arguments the jobs fill in themselves (not objective.args)
     trains_flow = False  # needs model.path=rectified_flow, model.prediction=velocity, model.shift=1
-    nets: tuple[str, ...] = ("mlp", "unet", "dit")  # the model.net values it trains (denoiser backbones)
+    nets: tuple[str, ...] = ("mlp", "unet", "dit", "diffusers_unet2d")  # the model.net values it trains
     extra_scalars = 0  # scalar inputs its net takes besides c_noise (a shortcut model's step size)
     samplers: tuple[str, ...] = ()  # its own samplers, the first the default; (): diffkit.samplers' grid samplers
     likelihood: str | None = "ode"  # "ode" (its Precond's PF-ODE), "exact" (`log_prob`) or None (none defined)

@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from diffkit import config as configs
 from diffkit import data as datasets
-from diffkit import calibration, generate, latent, likelihood, registry, report
+from diffkit import calibration, generate, interop_jobs, latent, likelihood, registry, report
 from diffkit.config import Config
 from diffkit.eval import distortion, metrics
+from diffkit.interop import diffusers as interop
 from diffkit.method import Method, Trained
 from diffkit.train import checkpoint
 from diffkit.train.loop import resume_point, train
@@ -43,6 +44,9 @@ def _latest(run_dir: str | Path) -> checkpoint.Checkpoint:
     """A run's newest intact checkpoint; a folder without one is an error that says how to make it."""
     if not Path(run_dir).is_dir():
         raise FileNotFoundError(f"run folder {run_dir} not found")
+    if interop.is_diffusers_folder(run_dir):
+        raise ValueError(f"{run_dir} is a diffusers folder: `diffkit sample` and `diffkit eval --data ...` take it; "
+                         "this command needs a diffkit run folder")
     found = checkpoint.load_latest(Path(run_dir))
     if found is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoints: train it first with `diffkit train`")
@@ -155,10 +159,13 @@ def _load(run_dir: Path) -> tuple[Config, torch.nn.Module, tuple[int, ...], int,
 
 
 def sampling(run_dir: Path, grid: str | None, sampler: str | None, steps: int | None, guidance: float | None,
-              label: int | None):
+              label: int | None, data: str | None = None):
     """(config, model, shape, classes, sampler name, sigmas or None): what sampling a run with `sampler`, `steps`
     and `--grid grid` needs. A named grid replaces the config's; "calibrated" loads the grid `diffkit calibrate`
-    stored for the sampler, step count, guidance and label."""
+    stored for the sampler, step count, guidance and label. A diffusers folder is sampled through
+    diffkit.interop_jobs (data: the --data of eval)."""
+    if interop.is_diffusers_folder(run_dir):
+        return interop_jobs.sampling(Path(run_dir), grid, sampler, steps, guidance, data=data, device=_device())
     cfg, model, shape, n_classes, step = _load(run_dir)
     name = generate.sampler_name(cfg, sampler)
     if grid == "calibrated":
@@ -238,14 +245,22 @@ def notes(scores: dict, n: int) -> list[str]:
 
 
 def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, seed: int, grid: str | None = None,
-             fast: bool = False, progress: bool = True) -> dict:
+             fast: bool = False, data: str | None = None, progress: bool = True) -> dict:
     """Sample n and score them against the held-out split, next to the real-data floor (n training points
     scored the same way); writes eval-... .json (output_name) in the run folder.
 
-    grid: as in sample_run. A codec run (a tokenizer) is scored by its reconstructions instead (`reconstruction`)."""
-    if not registry.get(load_run(run_dir)[0].objective.name).generates:
+    grid: as in sample_run. data: the data a diffusers folder is scored against (a run knows its own). A codec run
+    (a tokenizer) is scored by its reconstructions instead (`reconstruction_run`)."""
+    if interop.is_diffusers_folder(run_dir) and data is None:
+        raise ValueError(f"{run_dir} is a diffusers folder, which does not say what data it learned: pass --data "
+                         "(e.g. --data digits) to score it against that data's held-out split")
+    if data is not None and not interop.is_diffusers_folder(run_dir):
+        raise ValueError("--data is for diffusers folders; a run is scored against its own data")
+    if data is None and not registry.get(load_run(run_dir)[0].objective.name).generates:
         return reconstruction_run(run_dir, n=n)
-    cfg, model, shape, n_classes, name, sigmas = sampling(run_dir, grid, sampler, steps, None, None)
+    cfg, model, shape, n_classes, name, sigmas = sampling(run_dir, grid, sampler, steps, None, None, data)
+    if data is not None:
+        interop_jobs.check_data(cfg, shape, run_dir)
     x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, sigmas=sigmas, seed=seed, fast=fast,
                              progress=progress)
     scores = evaluate(cfg, x)
@@ -274,6 +289,20 @@ def reconstruction_run(run_dir: Path, *, n: int | None = None) -> dict:
     result |= stats
     report.atomic_write(Path(run_dir) / f"reconstruction-n{len(held)}.json", json.dumps(result, indent=2))
     return result
+
+
+def export_run(run_dir: Path, to: str, out: Path) -> Path:
+    """Save a trained run's EMA model in another library's format (`diffkit export RUN --to diffusers OUT`).
+
+    Only runs whose net is `diffusers_unet2d` export: on a VP path with an eps, v or x0 prediction, or on unshifted
+    rectified flow with velocity prediction (interop.schedule.scheduler_config says why the others cannot)."""
+    if to != "diffusers":
+        raise ValueError(f"unknown export format {to!r}; diffkit exports to: diffusers")
+    cfg, model = _load(run_dir)[:2]
+    if registry.get(cfg.objective.name).samplers:
+        raise ValueError(f"{run_dir} is a {cfg.objective.name} run, which samples with its own sampler: only "
+                         "denoisers sampled on a sigma grid export to diffusers")
+    return interop.export(model.cpu(), configs.path(cfg), cfg.model.prediction, out)
 
 
 def likelihood_run(run_dir: Path, *, n: int | None = None, seed: int = 0, batch: int = 512,

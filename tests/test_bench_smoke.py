@@ -88,3 +88,12 @@ def test_codec_benchmark_quick_writes_results(tmp_path):
     assert res["webp_min_bpp"] == min(r["bpp"] for r in res["rows"] if r["codec"] == "WebP")
     assert "ddcm_bpp_over_webp_at_webp_min_quality" in res and len(res["headline_per_photo"]) == 3
     assert (tmp_path / "codec.png").exists() and (tmp_path / "codec-reconstructions.png").exists()
+
+
+def test_interop_benchmark_quick_writes_results(tmp_path):
+    assert cli.main(["bench", "interop", "--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "interop.json").read_text())
+    assert {r["side"] for r in res["rows"]} == {"diffusers", "diffkit"}
+    assert {r["sampler"] for r in res["rows"]} >= {"DPM++ 2M", "dpmpp_2m (calibrated grid)"}
+    assert all(math.isfinite(r["digits_fd"]) for r in res["rows"])
+    assert [b["nfe"] for b in res["best_by_nfe"]] == [4] and (tmp_path / "interop.md").exists()

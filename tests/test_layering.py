@@ -12,11 +12,11 @@ RANK = {
     "paths": 1,
     "grids": 2, "precond": 2, "method": 2.5,
     "objectives": 3, "samplers": 3,
-    "analytic": 4, "likelihood": 4, "onestep": 4, "codecs": 4, "flows": 4,
+    "analytic": 4, "likelihood": 4, "onestep": 4, "codecs": 4, "flows": 4, "interop": 4,
     "train": 5, "eval": 5, "registry": 5,
     # The jobs the CLI runs, each above what it uses.
-    "config": 6, "report": 6, "latent": 6.5, "generate": 7, "calibration": 7.5, "run": 8, "compression": 8.5,
-    "tune": 8.5, "demo": 9,
+    "config": 6, "report": 6, "latent": 6.5, "generate": 7, "calibration": 7.5, "interop_jobs": 7.6, "run": 8,
+    "compression": 8.5, "tune": 8.5, "demo": 9,
     "cli": 10,
 }
 ISOLATED = {"nets": set(),  # nets import each other (own unit) and nothing else

@@ -200,6 +200,7 @@ class ShortcutMethod(Method):
     own_args = ("label_dropout", "null")
     trains_flow = True
     extra_scalars = 1
+    nets = ("mlp", "unet", "dit")  # diffusers' UNet has no input for the step size d
     samplers = ("shortcut",)
     likelihood = None  # its net also takes the step size d; at d_min it is a flow, not wired here
 
