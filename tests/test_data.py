@@ -117,8 +117,8 @@ def test_photos_split_by_photo_and_cut_deterministically(monkeypatch):
     # Every patch is a crop of its own split's photos, at the stride, row-major from the top-left corner.
     first = data.photo(data.PHOTOS["train"][0])
     assert torch.equal(train[0], first[:, :32, :32]) and torch.equal(train[1], first[:, :32, 32:64])
-    rows, cols = first.shape[1] // 32, first.shape[2] // 32
-    assert torch.equal(train[cols], first[:, 32:64, :32])
+    cols = first.shape[2] // 32
+    assert torch.equal(train[cols], first[:, 32:64, :32])  # the second row of patches
     counts = [(data.photo(n).shape[1] // 32) * (data.photo(n).shape[2] // 32) for n in data.PHOTOS["test"]]
     assert len(test) == sum(counts) and train.shape[1:] == (3, 32, 32)
     assert train.min() >= -1 and train.max() <= 1 and torch.equal(data.photos("train"), train)
