@@ -6,7 +6,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from diffkit.report import table  # noqa: E402
+from diffkit.report import save_figure, table  # noqa: E402
 
 
 def figure(result: dict, path) -> None:
@@ -37,8 +37,7 @@ def figure(result: dict, path) -> None:
     ax[3].set(title="label table max |w| (batch 16)", xlabel="step")
     ax[3].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _coord_table(rows: list[dict]) -> list[dict]:

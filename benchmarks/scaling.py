@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_runs import Digits  # noqa: E402
 
 from diffkit import scaling  # noqa: E402
-from diffkit.report import table  # noqa: E402
+from diffkit.report import save_figure, table  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -59,8 +59,7 @@ def figure(rows: list[dict], fit: scaling.Fit, path: Path) -> None:
            title="L(N, D) fit (lines); x = held-out runs")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
