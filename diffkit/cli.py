@@ -146,12 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     de.add_argument("run", type=Path, help="the run the file was compressed with")
     de.add_argument("file", type=Path, help="the .ddcm file")
     de.add_argument("-o", "--out", type=Path, help="the image file (default: the file's name with .png)")
-    e = sub.add_parser("export", help="save a trained run in another library's format (diffusers: runs with "
-                                      "model.net: diffusers_unet2d on a VP path or rectified flow)")
+    e = sub.add_parser("export", help="save a trained run's EMA model for use elsewhere (diffusers: runs with "
+                                      "model.net: diffusers_unet2d on a VP path or rectified flow; diffkit: any run)")
     e.add_argument("run", type=Path, help="run folder")
     e.add_argument("out", type=Path, help="the new folder (must not exist)")
-    e.add_argument("--to", required=True, choices=["diffusers"], help="the format: diffusers (a DDPMPipeline folder "
-                                                                      "that DDPMPipeline/DDIMPipeline.from_pretrained load)")
+    e.add_argument("--to", required=True, choices=["diffusers", "diffkit"],
+                   help="diffusers: a DDPMPipeline folder that DDPMPipeline/DDIMPipeline.from_pretrained load; "
+                        "diffkit: weights.safetensors + diffkit.yaml (diffkit.run.load_export reads it)")
 
     # Methods that make a new run from a trained one (`diffkit reflow`, `diffkit distill`): one command each.
     for command, method in registry.commands().items():
@@ -251,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             from diffkit import run
 
             folder = run.export_run(args.run, args.to, args.out)
-            print(f"exported: {folder} (load it with {args.to}: DDPMPipeline.from_pretrained({str(folder)!r}))")
+            how = f"DDPMPipeline.from_pretrained({str(folder)!r})" if args.to == "diffusers" else \
+                f"diffkit.run.load_export({str(folder)!r})"
+            print(f"exported: {folder} (load it with {how})")
             return 0
         if args.command in registry.commands():
             from diffkit import run

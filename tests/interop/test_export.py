@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffkit import cli, samplers
+from diffkit import cli, run, samplers
 from diffkit import config as configs
 from diffkit.interop.diffusers import export, load_diffusers, scheduler_sample
 
@@ -95,13 +95,13 @@ def test_class_labels_travel_as_class_embeddings(tmp_path):
 def test_train_export_sample_eval_from_the_command_line(tmp_path, capsys):
     """A two-step run of configs/digits-diffusers.yaml through the CLI: exported, then sampled and scored as a
     diffusers folder."""
-    run = tmp_path / "run"
+    folder = tmp_path / "run"
     assert cli.main(["train", str(ROOT / "configs" / "digits-diffusers.yaml"), *TINY, "train.steps=2",
-                     "train.batch=16", "train.warmup=1", "sample.steps=2", "--out", str(run)]) == 0
+                     "train.batch=16", "train.warmup=1", "sample.steps=2", "--out", str(folder)]) == 0
     out = tmp_path / "exported"
-    assert cli.main(["export", str(run), str(out), "--to", "diffusers"]) == 0
+    assert cli.main(["export", str(folder), str(out), "--to", "diffusers"]) == 0
     with pytest.raises(SystemExit, match="exists: pass a new folder"):
-        cli.main(["export", str(run), str(out), "--to", "diffusers"])
+        cli.main(["export", str(folder), str(out), "--to", "diffusers"])
     assert cli.main(["sample", str(out), "--steps", "3", "--n", "4"]) == 0
     with pytest.raises(SystemExit, match="--data"):
         cli.main(["eval", str(out), "--n", "8"])
@@ -112,3 +112,25 @@ def test_train_export_sample_eval_from_the_command_line(tmp_path, capsys):
     assert "digits_fd" in json.loads(capsys.readouterr().out)
     with pytest.raises(SystemExit, match="diffusers folder: `diffkit sample`"):
         cli.main(["calibrate", str(out)])
+
+
+def test_any_run_exports_in_the_diffkit_format(tmp_path, capsys):
+    """`--to diffkit`: weights.safetensors + diffkit.yaml, read back by load_export to the run's own model;
+    load_diffusers does not claim the folder."""
+    cfg = configs.load(None, ["train.steps=4", "train.batch=16", "model.args={width: 16, depth: 1}"])
+    run.train_run(cfg, tmp_path / "run", progress=False)
+    assert cli.main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--to", "diffkit"]) == 0
+    assert "load_export" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["diffkit.yaml", "weights.safetensors"]
+    cfg_x, model_x, shape, n_classes = run.load_export(tmp_path / "out")
+    cfg_r, model_r, shape_r, _ = run.load_run(tmp_path / "run")
+    assert configs.to_dict(cfg_x) == configs.to_dict(cfg_r) and shape == shape_r == (1, 8, 8) and n_classes == 0
+    x, sigma = torch.randn(3, 1, 8, 8), torch.tensor([0.1, 1.0, 10.0])
+    with torch.no_grad():
+        torch.testing.assert_close(model_x(x, sigma), model_r.cpu()(x, sigma))
+    with pytest.raises(FileNotFoundError, match="no scheduler config"):
+        load_diffusers(tmp_path / "out")
+    with pytest.raises(SystemExit, match="exists"):
+        cli.main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--to", "diffkit"])
+    with pytest.raises(ValueError, match="not a diffkit export"):
+        run.load_export(tmp_path / "run")
