@@ -1,7 +1,7 @@
 """Bad input, one line per case: what a user typed (or broke) and the first line of what diffkit answered.
 
-Trains three seconds-long runs in a temporary folder (a checkerboard flow, a conditional digits model and a
-digits tokenizer), then tries every case of the "runs that never lose work or mislead" review on them: data
+Trains five seconds-long runs in a temporary folder (a checkerboard flow, a conditional and two unconditional digits
+models, a digits tokenizer) and compresses one image with DDCM, then tries every case of the "runs that never lose work or mislead" review on them: data
 loss, wrong results without a word, tracebacks instead of messages. A case passes when diffkit answers with a message, a warning
 or a correct result, never a traceback.
 
@@ -67,6 +67,13 @@ def cases(tmp: Path) -> list[tuple[str, object]]:
     tok = tmp / "tok"
     cli.main([*vq, "--out", str(tok)])
     latent = ["train", str(ROOT / "configs" / "digits-latent.yaml"), *TINY]
+    for seed in (0, 1):  # two unconditional digits models for DDCM (plain-1: another model)
+        cli.main(["train", *TINY, f"train.seed={seed}", "--out", str(tmp / ("plain" if seed == 0 else "plain-1"))])
+    from PIL import Image
+
+    Image.new("L", (12, 9), 90).save(tmp / "img.png")
+    cli.main(["compress", str(tmp / "plain"), str(tmp / "img.png"), "-o", str(tmp / "img.ddcm"), "--k", "16",
+              "--steps", "3"])
     from diffkit import data, run
 
     def names(*calls):
@@ -156,6 +163,29 @@ def cases(tmp: Path) -> list[tuple[str, object]]:
         x[1, 0] = float("nan")
         return samplers.rk45(analytic.ring(), x, grids.karras(4, 0.002, 80.0))
 
+    def ddcm_file(damage, name: str):
+        def fn():
+            broken = tmp / f"img-{name}.ddcm"
+            broken.write_bytes(damage((tmp / "img.ddcm").read_bytes()))
+            return cli.main(["decompress", str(cb.parent / "plain"), str(broken), "-o", str(tmp / f"{name}.png")])
+        return fn
+
+    def diffusers_folder(kind: str):
+        def fn():
+            import diffusers
+
+            folder = tmp / f"pipe-{kind}"
+            unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),
+                                         down_block_types=("DownBlock2D", "DownBlock2D"),
+                                         up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, layers_per_block=1)
+            scheduler = diffusers.DDPMScheduler(thresholding=kind == "thresholding")
+            diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(
+                folder, safe_serialization=kind != "bin")
+            if kind == "no-scheduler":
+                shutil.rmtree(folder / "scheduler")
+            return cli.main(["sample", str(folder), "--n", "2", "--steps", "2"])
+        return fn
+
     def bad_yaml(text: str):
         def fn():
             path = tmp / "bad.yaml"
@@ -225,6 +255,20 @@ def cases(tmp: Path) -> list[tuple[str, object]]:
             [*latent, f"data.tokenizer={tok}", "data.name=checkerboard", "--out", str(tmp / "x")])),
         ("data.name=photos data.conditional=true", lambda: cli.main(
             ["train", "data.name=photos", "data.conditional=true", "--out", str(tmp / "x")])),
+        # DDCM files
+        ("decompress a truncated .ddcm file", ddcm_file(lambda b: b[:-9], "truncated")),
+        ("decompress a .ddcm file with one bit flipped", ddcm_file(lambda b: b[:40] + bytes([b[40] ^ 4]) + b[41:],
+                                                                    "flipped")),
+        ("decompress a .ddcm file with another model", lambda: cli.main(
+            ["decompress", str(tmp / "plain-1"), str(tmp / "img.ddcm"), "-o", str(tmp / "other.png")])),
+        ("compress --k 100", lambda: cli.main(["compress", str(cb.parent / "plain"), str(tmp / "img.png"),
+                                               "--k", "100"])),
+        # diffusers folders
+        ("sample a diffusers folder without a scheduler config", diffusers_folder("no-scheduler")),
+        ("sample a diffusers folder with .bin weights only", diffusers_folder("bin")),
+        ("sample a diffusers folder whose scheduler has thresholding: true", diffusers_folder("thresholding")),
+        ("export a unet run --to diffusers", lambda: cli.main(["export", str(digits), str(tmp / "exp"),
+                                                               "--to", "diffusers"])),
     ]
 
 
