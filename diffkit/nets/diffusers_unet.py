@@ -11,7 +11,7 @@ on flow matching (diffusers' FlowMatchEulerDiscreteScheduler feeds timestep = N 
 
 `DiffusersUNet2D` is `model.net: diffusers_unet2d`: a UNet2DModel that diffkit's loop trains and
 `diffkit export --to diffusers` saves as a pipeline. diffusers is an optional dependency (`pip install
-diffkit[interop]`); it is imported only when one of these nets is built.
+diffkit[diffusers]`); it is imported only when one of these nets is built.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def import_diffusers():
     try:
         import diffusers
     except ImportError as err:
-        raise MissingDiffusers("diffusers is not installed: pip install 'diffkit[interop]' (or pip install "
+        raise MissingDiffusers("diffusers is not installed: pip install 'diffkit[diffusers]' (or pip install "
                                "diffusers)") from err
     return diffusers
 
