@@ -178,7 +178,7 @@ def cases(tmp: Path) -> list[tuple[str, object]]:
             unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),
                                          down_block_types=("DownBlock2D", "DownBlock2D"),
                                          up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, layers_per_block=1)
-            scheduler = diffusers.DDPMScheduler(thresholding=kind == "thresholding")
+            scheduler = diffusers.DDPMScheduler(clip_sample=False, thresholding=kind == "thresholding")
             diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(
                 folder, safe_serialization=kind != "bin")
             if kind == "no-scheduler":

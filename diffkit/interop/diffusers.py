@@ -165,7 +165,7 @@ def export(model: Precond, path: NoisePath, prediction: str, out: str | Path) ->
     out = Path(out)
     if not isinstance(model, Precond) or not isinstance(model.net, DiffusersUNet2D):
         raise ValueError("only runs with model.net: diffusers_unet2d export to diffusers; diffkit's own nets have "
-                         "no diffusers class (keep their run folder: its checkpoints are safetensors + config.yaml)")
+                         "no diffusers class (export them with --to diffkit: weights.safetensors + diffkit.yaml)")
     if out.exists():
         raise FileExistsError(f"{out} exists: pass a new folder")
     diffusers = import_diffusers()
