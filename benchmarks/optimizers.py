@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_runs import Digits  # noqa: E402
 import optimizers_plots  # noqa: E402
 
+from diffkit import report  # noqa: E402
+
 SWEEPS = {"adamw": ("lr", [1e-3, 3e-3, 1e-2]), "muon": ("muon_lr", [0.01, 0.03, 0.1]),
           "lion": ("lr", [1e-4, 3e-4, 1e-3]), "tiger": ("lr", [1e-4, 3e-4, 1e-3])}
 WIDTHS = (64, 128, 256, 512, 1024)
@@ -180,10 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     result["lr_transfer_spectral"] = result["lr_transfer"]["best_lr_ratio"]["spectral"]
     result["lr_transfer_standard"] = result["lr_transfer"]["best_lr_ratio"]["standard"]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "optimizers.json").write_text(json.dumps(result, indent=2))
     optimizers_plots.figure(result, args.out / "optimizers.png")
-    (args.out / "optimizers.md").write_text(optimizers_plots.markdown(result))
-    print((args.out / "optimizers.md").read_text())
+    report.results(args.out, "optimizers", result, optimizers_plots.markdown(result).split("\n"))
     return 0
 
 
