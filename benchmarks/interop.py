@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from diffkit import config as configs
-from diffkit import grids, run, samplers
+from diffkit import export, grids, run, samplers
 from diffkit.eval.metrics import digits_fd
 from diffkit.interop.diffusers import load_diffusers, scheduler_sample
 from diffkit.nets.diffusers_unet import import_diffusers
@@ -51,7 +51,7 @@ def _train_and_load(work: Path, quick: bool):
     t0 = time.perf_counter()
     run.train_run(configs.load(CONFIG, QUICK if quick else []), work / "run", progress=False)
     t1 = time.perf_counter()
-    run.export_run(work / "run", "diffusers", work / "exported")
+    export.export_run(work / "run", "diffusers", work / "exported")
     return load_diffusers(work / "exported"), {"train_seconds": t1 - t0}
 
 

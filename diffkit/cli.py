@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("out", type=Path, help="the new folder (must not exist)")
     e.add_argument("--to", required=True, choices=["diffusers", "diffkit"],
                    help="diffusers: a DDPMPipeline folder that DDPMPipeline/DDIMPipeline.from_pretrained load; "
-                        "diffkit: weights.safetensors + diffkit.yaml (diffkit.run.load_export reads it)")
+                        "diffkit: weights.safetensors + diffkit.yaml (diffkit.export.load_export reads it)")
 
     # Methods that make a new run from a trained one (`diffkit reflow`, `diffkit distill`): one command each.
     for command, method in registry.commands().items():
@@ -249,11 +249,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{out}: {image.shape[2]}x{image.shape[1]} pixels")
             return 0
         if args.command == "export":
-            from diffkit import run
+            from diffkit import export
 
-            folder = run.export_run(args.run, args.to, args.out)
+            folder = export.export_run(args.run, args.to, args.out)
             how = f"DDPMPipeline.from_pretrained({str(folder)!r})" if args.to == "diffusers" else \
-                f"diffkit.run.load_export({str(folder)!r})"
+                f"diffkit.export.load_export({str(folder)!r})"
             print(f"exported: {folder} (load it with {how})")
             return 0
         if args.command in registry.commands():

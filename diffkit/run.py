@@ -14,13 +14,11 @@ keeps only its rows up to the checkpoint's step. Ctrl-C saves a checkpoint of th
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from diffkit import config as configs
@@ -42,7 +40,7 @@ def _run_info(cfg: Config, x: torch.Tensor, n_classes: int) -> dict:
     return {"config": configs.to_dict(cfg), "shape": list(configs.sample_shape(cfg, x)), "num_classes": n_classes}
 
 
-def _latest(run_dir: str | Path) -> checkpoint.Checkpoint:
+def latest_checkpoint(run_dir: str | Path) -> checkpoint.Checkpoint:
     """A run's newest intact checkpoint; a folder without one is an error that says how to make it."""
     if not Path(run_dir).is_dir():
         raise FileNotFoundError(f"run folder {run_dir} not found")
@@ -57,7 +55,7 @@ def _latest(run_dir: str | Path) -> checkpoint.Checkpoint:
 
 def ema_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
     """The EMA state dict of a run's latest checkpoint (what model.init and teachers load)."""
-    return _latest(run_dir).ema
+    return latest_checkpoint(run_dir).ema
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -152,7 +150,7 @@ def load_run(run_dir: Path) -> tuple[Config, torch.nn.Module, tuple[int, ...], i
 
 def _load(run_dir: Path) -> tuple[Config, torch.nn.Module, tuple[int, ...], int, int]:
     """load_run's results and the checkpoint's step."""
-    ck = _latest(run_dir)
+    ck = latest_checkpoint(run_dir)
     cfg = configs.from_dict(ck.config["config"])
     shape, n_classes = tuple(ck.config["shape"]), ck.config["num_classes"]
     model = configs.trainable(cfg, configs.model(cfg, shape, n_classes))
@@ -291,54 +289,6 @@ def reconstruction_run(run_dir: Path, *, n: int | None = None) -> dict:
     result |= stats
     report.atomic_write(Path(run_dir) / f"reconstruction-n{len(held)}.json", json.dumps(result, indent=2))
     return result
-
-
-EXPORT_FORMAT = "diffkit-export"
-
-
-def export_run(run_dir: Path, to: str, out: Path) -> Path:
-    """Save a trained run's EMA model for use elsewhere (`diffkit export RUN --to diffusers|diffkit OUT`).
-
-    diffusers: runs whose net is `diffusers_unet2d`, on a VP path with an eps, v or x0 prediction, or on unshifted
-    rectified flow with velocity prediction (interop.schedule.scheduler_config says why the others cannot).
-    diffkit: any run, as a folder of two files (version 1): `weights.safetensors`, the EMA state dict under the
-    run model's own names (`net.*`), and `diffkit.yaml` with `format: diffkit-export`, `version: 1`, the checkpoint
-    `step`, and the run's `config` (every section), `shape` (one sample's) and `num_classes`; `load_export` reads it
-    back. load_diffusers does not read it. Both folders are written under a temporary name, then renamed."""
-    if to not in ("diffusers", "diffkit"):
-        raise ValueError(f"unknown export format {to!r}; diffkit exports to: diffusers, diffkit")
-    if to == "diffkit":
-        out, ck = Path(out), _latest(run_dir)
-        if out.exists():
-            raise FileExistsError(f"{out} exists: pass a new folder")
-        tmp = out.with_name(f".{out.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in ck.ema.items()}, tmp / "weights.safetensors")
-        meta = {"format": EXPORT_FORMAT, "version": 1, "step": ck.step, **ck.config}
-        report.atomic_write(tmp / "diffkit.yaml", yaml.safe_dump(meta, sort_keys=False))
-        os.replace(tmp, out)
-        return out
-    cfg, model = _load(run_dir)[:2]
-    if registry.get(cfg.objective.name).samplers:
-        raise ValueError(f"{run_dir} is a {cfg.objective.name} run, which samples with its own sampler: only "
-                         "denoisers sampled on a sigma grid export to diffusers")
-    return interop.export(model.cpu(), configs.path(cfg), cfg.model.prediction, out)
-
-
-def load_export(folder: Path) -> tuple[Config, torch.nn.Module, tuple[int, ...], int]:
-    """(config, model, shape, class count) of a `diffkit export --to diffkit` folder, as load_run gives a run's."""
-    meta_file = Path(folder) / "diffkit.yaml"
-    meta = yaml.safe_load(meta_file.read_text()) if meta_file.is_file() else None
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{folder} is not a diffkit export (no diffkit.yaml with format: {EXPORT_FORMAT})")
-    if meta.get("version") != 1:
-        raise ValueError(f"{folder} is a diffkit export of version {meta.get('version')}; this diffkit reads version 1")
-    cfg = configs.from_dict(meta["config"])
-    shape, n_classes = tuple(meta["shape"]), meta["num_classes"]
-    model = configs.trainable(cfg, configs.model(cfg, shape, n_classes))
-    model.load_state_dict(load_file(Path(folder) / "weights.safetensors"))
-    return cfg, model.eval(), shape, n_classes
 
 
 def likelihood_run(run_dir: Path, *, n: int | None = None, seed: int = 0, batch: int = 512,

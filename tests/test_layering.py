@@ -16,7 +16,7 @@ RANK = {
     "train": 5, "eval": 5, "registry": 5,
     # The jobs the CLI runs, each above what it uses.
     "config": 6, "report": 6, "latent": 6.5, "generate": 7, "calibration": 7.5, "interop_jobs": 7.6, "run": 8,
-    "compression": 8.5, "tune": 8.5, "demo": 9,
+    "compression": 8.5, "export": 8.5, "tune": 8.5, "demo": 9,
     "cli": 10,
 }
 ISOLATED = {"nets": set(),  # nets import each other (own unit) and nothing else

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from diffkit import cli, run, samplers
+from diffkit import export as export_job
 from diffkit import config as configs
 from diffkit.interop.diffusers import export, load_diffusers, scheduler_sample
 
@@ -122,7 +123,7 @@ def test_any_run_exports_in_the_diffkit_format(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--to", "diffkit"]) == 0
     assert "load_export" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["diffkit.yaml", "weights.safetensors"]
-    cfg_x, model_x, shape, n_classes = run.load_export(tmp_path / "out")
+    cfg_x, model_x, shape, n_classes = export_job.load_export(tmp_path / "out")
     cfg_r, model_r, shape_r, _ = run.load_run(tmp_path / "run")
     assert configs.to_dict(cfg_x) == configs.to_dict(cfg_r) and shape == shape_r == (1, 8, 8) and n_classes == 0
     x, sigma = torch.randn(3, 1, 8, 8), torch.tensor([0.1, 1.0, 10.0])
@@ -133,4 +134,4 @@ def test_any_run_exports_in_the_diffkit_format(tmp_path, capsys):
     with pytest.raises(SystemExit, match="exists"):
         cli.main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--to", "diffkit"])
     with pytest.raises(ValueError, match="not a diffkit export"):
-        run.load_export(tmp_path / "run")
+        export_job.load_export(tmp_path / "run")
