@@ -32,8 +32,12 @@ def _device() -> torch.device:
 
 
 @lru_cache(maxsize=4)
-def _load(folder: str, step: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
-    ck = checkpoint.load_latest(Path(folder))  # the `step` checkpoint, read again only when a newer one appears
+def _load(folder: str, newest: str) -> tuple[torch.nn.Module, tuple[int, ...], int]:
+    """The tokenizer of `folder`, built once per newest checkpoint folder name `newest` (the cache key): its
+    weights are read and checksummed only when a newer checkpoint appears."""
+    ck = checkpoint.load_latest(Path(folder))
+    if ck is None:
+        raise FileNotFoundError(f"data.tokenizer={folder} has no intact checkpoint (each fails its checksums)")
     cfg = configs.from_dict(ck.config["config"])
     if registry.get(cfg.objective.name).generates:
         raise ValueError(f"data.tokenizer={folder} is a {cfg.objective.name} run, not a tokenizer run "
@@ -41,7 +45,7 @@ def _load(folder: str, step: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
     shape = tuple(ck.config["shape"])
     model = configs.model(cfg, shape, 0)
     model.load_state_dict(ck.ema)
-    return model.to(_device()).eval().requires_grad_(False), shape
+    return model.to(_device()).eval().requires_grad_(False), shape, ck.step
 
 
 def tokenizer(folder: str | Path) -> tuple[torch.nn.Module, tuple[int, ...], int]:
@@ -50,10 +54,10 @@ def tokenizer(folder: str | Path) -> tuple[torch.nn.Module, tuple[int, ...], int
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"data.tokenizer={folder}: run folder not found (train it first: "
                                 "diffkit train configs/photos-vq.yaml --out FOLDER)")
-    ck = checkpoint.load_latest(Path(folder))
-    if ck is None:
+    newest = checkpoint.latest(Path(folder))
+    if newest is None:
         raise FileNotFoundError(f"data.tokenizer={folder} has no checkpoints: train the tokenizer first")
-    return (*_load(str(Path(folder).resolve()), ck.step), ck.step)
+    return _load(str(Path(folder).resolve()), newest.name)
 
 
 @torch.no_grad()
