@@ -6,7 +6,7 @@ indexed by sigma = beta / alpha, which decreases to 0 along a sampling grid.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -32,3 +32,18 @@ class NoiseSource(Protocol):
     """
 
     def __call__(self, step: int, x: Tensor, x0_hat: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class StepHooks(Protocol):
+    """A module that takes part in the training step beyond its forward (a mixture-of-experts layer).
+
+    The training loop adds `aux_loss()` (the training forwards' auxiliary loss since the last call, or None) to
+    the objective, calls `after_step(applied)` after each optimizer step (applied: whether it stepped or skipped
+    a non-finite step), and merges `drain()` into each metrics row, prefixed with the module's name."""
+
+    def aux_loss(self) -> Tensor | None: ...
+
+    def after_step(self, applied: bool) -> None: ...
+
+    def drain(self) -> dict: ...

@@ -8,11 +8,14 @@ So at initialisation F = 0 exactly. Attention is `scaled_dot_product_attention`.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffkit.nets.embed import Conditioning
+from diffkit.nets.moe import MoE, mlp
 
 
 def sincos_2d(grid: int, dim: int) -> Tensor:
@@ -37,15 +40,18 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class Block(nn.Module):
     """x + gate * Attn(adaLN(x)); x + gate * MLP(adaLN(x)); shift/scale/gate = Linear(SiLU(e)), zero at init."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float, moe: dict | None = None):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
-                                 nn.Linear(hidden, width))
+        if moe is None:
+            self.mlp = mlp(width, hidden, dropout)
+        else:  # the same active parameters as the dense MLP unless moe names its own `hidden`
+            moe = {"hidden": max(1, hidden // moe.get("top_k", 2)), "dropout": dropout, **moe}
+            self.mlp = MoE(width, **moe)
         self.ada = nn.Linear(width, 6 * width)  # zero-initialised by DiT._init (adaLN-Zero)
 
     def attention(self, x: Tensor) -> Tensor:
@@ -65,25 +71,29 @@ class DiT(nn.Module):
 
     num_classes > 0 adds a label embedding (cond = num_classes or None: no label). extra_scalars > 0 makes
     forward require `extra`, (B, extra_scalars) floats embedded beside c_noise (e.g. a shortcut model's d).
-    DiT-S/2 is the default (width 384, depth 12, 6 heads).
+    DiT-S/2 is the default (width 384, depth 12, 6 heads). moe, a dict of nets.moe.MoE's arguments (e.g.
+    {experts: 8, top_k: 2, balance: aux_free}), puts a mixture-of-experts MLP in every block.
     """
 
     muon_exclude = ("patch", "cond", "final")  # patch embedding, conditioning embeddings, output layer
 
     def __init__(self, image_size: int, in_channels: int, patch_size: int = 2, width: int = 384, depth: int = 12,
                  heads: int = 6, mlp_ratio: float = 4, num_classes: int = 0, extra_scalars: int = 0,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, moe: dict | None = None):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} must be divisible by patch_size {patch_size}: "
                              "choose a patch size that divides it, or pad the images")
         if width % heads:
             raise ValueError(f"width {width} must be divisible by heads {heads}")
+        known = set(inspect.signature(MoE).parameters) - {"width"}
+        if moe is not None and set(moe) - known:
+            raise ValueError(f"unknown model.args.moe keys {sorted(set(moe) - known)}; expected some of {sorted(known)}")
         self.image_size, self.in_channels, self.patch_size = image_size, in_channels, patch_size
         self.patch = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
         self.register_buffer("pos", sincos_2d(image_size // patch_size, width), persistent=False)
         self.cond = Conditioning(width, features=256, num_classes=num_classes, extra_scalars=extra_scalars)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, moe) for _ in range(depth))
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(width, 2 * width)
         self.final = nn.Linear(width, patch_size**2 * in_channels)
@@ -95,7 +105,8 @@ class DiT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:  # an MoE router has none
+                    nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patch.weight.view(self.patch.weight.shape[0], -1))
         if self.cond.labels is not None:
             nn.init.normal_(self.cond.labels.table.weight, std=0.02)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from diffkit.contracts import StepHooks
 from diffkit.train import checkpoint, clip, fast, optim, spectral
 from diffkit.train.ema import EMA
 
@@ -223,12 +224,15 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
         for clipper, state in zip(clippers, ck.extra.get("clip", [])):
             clipper.load_state_dict(state)
     raw_net = model.net
+    hooked = {name: m for name, m in model.named_modules() if isinstance(m, StepHooks)}  # MoE layers
     if settings.compile and device.type == "cuda":
         model.net = fast.prepare(model.net, device, compile=True)
     elif settings.compile:
         warnings.warn(f"train.compile is for CUDA; training on {device.type} runs the net eagerly", stacklevel=2)
     if world > 1:
-        model.net = nn.parallel.DistributedDataParallel(model.net, find_unused_parameters=len(phases) > 1)
+        # Several phases, and experts no token chose, leave parameters without gradient.
+        model.net = nn.parallel.DistributedDataParallel(model.net,
+                                                        find_unused_parameters=len(phases) > 1 or bool(hooked))
     model.train()
 
     def save(step: int) -> None:
@@ -273,7 +277,8 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                             loss = objective(model, _to(x[chunk], device), cond, generator=gen, **ema_arg, **phase_arg)
                             loss = loss.mean() / accum
-                        loss.backward()
+                            aux = [a for m in hooked.values() if (a := m.aux_loss()) is not None]
+                        (loss + sum(aux) / accum).backward()
                     total += loss.detach()
                 if world > 1:
                     dist.all_reduce(total)
@@ -285,6 +290,8 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
                 if ok:
                     for opt in opts:
                         opt.step()
+                for m in hooked.values():
+                    m.after_step(ok)
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
                 losses.append(total)
@@ -309,6 +316,8 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
                     row |= {k if name is None else f"{k}_{name}": v for k, v in clipper.drain().items()}
                 # Timed after the reads above, which wait for the device to finish the step.
                 row["samples_per_s"] = settings.batch * (step + 1 - start) / (time.perf_counter() - t0)
+                for name, m in hooked.items():
+                    row |= {f"{name}.{k}": v for k, v in m.drain().items()}
                 if monitor is not None:
                     row |= monitor(ema.model)
                 log.write(json.dumps(row) + "\n")
