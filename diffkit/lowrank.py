@@ -11,7 +11,7 @@ Every approximation is returned as `Factors(left, right)` with a ~= left @ right
 - CR: Drineas, Kannan & Mahoney 2006 ("Fast Monte Carlo algorithms for matrices I", BasicMatrixMultiplication):
   draw c indices i.i.d. with p_i ~ ||A[:, i]|| ||B[i, :]||; A B ~= sum_t A[:, i_t] B[i_t, :] / (c p_{i_t}) is
   unbiased and these p_i minimise its expected error, E||AB - CR||_F^2 = ((sum_i ||A[:, i]|| ||B[i, :]||)^2 -
-  ||AB||_F^2) / c (their Lemma 4). Written by hand: no maintained library has it (about ten lines).
+  ||AB||_F^2) / c. Written by hand: no maintained library has it (about ten lines).
 - ID: scipy.linalg.interpolative (SciPy >= 1.15, whose API takes `rng=`): a ~= a[:, J] @ P with P[:, J] = I,
   so the k skeleton columns J are reproduced exactly. Computed on the CPU in float64; torch in, torch out.
 """

@@ -1,5 +1,5 @@
 """Low-rank tools against their theorems: Eckart-Young, Moore-Penrose, the ID's exact skeleton, CR's unbiasedness
-and expected error (Drineas-Kannan-Mahoney Lemma 4), randomized vs exact SVD, and model compression."""
+and expected error (Drineas-Kannan-Mahoney 2006), randomized vs exact SVD, and model compression."""
 import math
 
 import pytest
@@ -90,7 +90,7 @@ def cr_setup():
     return a, b
 
 
-def test_cr_is_unbiased_and_its_mean_error_is_dkm_lemma_4():
+def test_cr_is_unbiased_and_its_mean_error_is_the_dkm_formula():
     a, b = cr_setup()
     c, draws = 5, 4000
     g = torch.Generator().manual_seed(0)
