@@ -47,7 +47,7 @@ def svd(a: Tensor, rank: int, *, randomized: bool = False, oversample: int = 10,
         seed: int = 0) -> Factors:
     """Truncated SVD of a (m, n) at `rank` k: left = U_k sqrt(S_k) (m, k), right = sqrt(S_k) Vh_k (k, n).
 
-    Splitting sqrt(S) over both factors keeps them on one scale (two Linears in float32 lose nothing to it).
+    Splitting sqrt(S) over both factors gives the pair of Linears one scale (||left|| = ||right||).
     `randomized` uses torch.svd_lowrank with k + oversample columns and `niter` power iterations, seeded by `seed`.
     """
     _check(a, rank)
