@@ -97,3 +97,13 @@ def test_interop_benchmark_quick_writes_results(tmp_path):
     assert {r["sampler"] for r in res["rows"]} >= {"DPM++ 2M", "dpmpp_2m (calibrated grid)"}
     assert all(math.isfinite(r["digits_fd"]) for r in res["rows"])
     assert [b["nfe"] for b in res["best_by_nfe"]] == [4] and (tmp_path / "interop.md").exists()
+
+
+@pytest.mark.slow
+def test_lowrank_benchmark_quick_writes_results(tmp_path):
+    assert cli.main(["bench", "lowrank", "--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "lowrank.json").read_text())
+    assert {(r["method"], r["rank"]) for r in res["rows"]} == {(m, r) for m in ("svd", "id", "cr", "cr (W I)")
+                                                                for r in (2, 8)}
+    assert all(math.isfinite(r["digits_fd"]) and 0 < r["params_fraction"] < 1 for r in res["rows"])
+    assert (tmp_path / "lowrank.png").exists() and "| svd | 8 |" in (tmp_path / "lowrank.md").read_text()

@@ -8,7 +8,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "diffkit"
 # analytic sits above samplers: its exact flow is the rk45 sampler at a tight tolerance. likelihood sits beside
 # it: it calls denoisers through samplers.base, and only its tests use analytic.
 RANK = {
-    "_tensor": 0, "contracts": 0, "nets": 0, "data": 0, "scaling": 0,
+    "_tensor": 0, "contracts": 0, "nets": 0, "data": 0, "scaling": 0, "lowrank": 0,
     "paths": 1,
     "grids": 2, "precond": 2, "method": 2.5,
     "objectives": 3, "samplers": 3,
