@@ -1,6 +1,6 @@
 """Low-rank compression of a trained digits model: quality vs rank for SVD, CR and ID (diffkit.lowrank.compress).
 
-    diffkit bench lowrank [--quick] [--out DIR] [--work DIR]
+A section of `diffkit bench finetune` (benchmarks/finetune.py).
 
 One digits MLP denoiser (width 256, depth 4, AdamW, constant lr after 50 warm-up steps) trained with diffkit's loop;
 its EMA's nn.Linear layers (all of them: noise embedding, input, adaLN modulation, blocks, output) compressed to
@@ -8,20 +8,15 @@ rank r = 2..128 by each method. A layer whose smaller side is below r stays dens
 repeats, so the kept rank can be lower) with probabilities from the layer's inputs on 512 training examples at
 training noise levels (CR of W X), once with seed 0; "cr (W I)" is CR without those inputs. Scored by the held-out
 denoising loss (4 fixed noise draws) and the classifier Fréchet distance of 500 samples (the config's heun, 18
-steps) to the held-out split. `section` gives the JSON and markdown lines and `plot` draws two panels, so the
-section can sit inside a larger benchmark. Writes lowrank.json / .md / .png under --out.
+steps) to the held-out split.
 """
 from __future__ import annotations
 
-import argparse
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import matplotlib
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,15 +24,15 @@ from digits_runs import Digits  # noqa: E402
 
 from diffkit import lowrank, report  # noqa: E402
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 RANKS = (2, 4, 8, 16, 32, 64, 128)
 METHODS = {"svd": ("svd", True), "id": ("id", True), "cr": ("cr", True), "cr (W I)": ("cr", False)}
 
 
-def section(work: Path, *, quick: bool = False) -> tuple[dict, list[str]]:
-    """Train (or resume) the model in `work`, compress it at each rank by each method, score; (JSON, markdown)."""
+PANELS = 2
+
+
+def run(work: Path, quick: bool) -> dict:
+    """Train (or resume) the model in `work`, compress it at each rank by each method, score; the section's JSON."""
     width, depth, steps, n_fd = (256, 4, 1500, 500) if not quick else (32, 2, 4, 50)
     ranks = RANKS if not quick else (2, 8)
     d = Digits(width, depth, ["train.cosine=false"])
@@ -71,7 +66,7 @@ def section(work: Path, *, quick: bool = False) -> tuple[dict, list[str]]:
         smallest[label] = min(ok, key=lambda r: r["params"])["rank"] if ok else None
     result = {"model": {"width": width, "depth": depth, "steps": steps, "params": full}, "uncompressed": base,
               "rows": rows, "fd_samples": n_fd, "smallest_rank_within_1.5x_fd": smallest}
-    return result, markdown(result)
+    return result
 
 
 def _fraction(result: dict, method: str, rank: int) -> float:
@@ -92,7 +87,7 @@ def markdown(result: dict) -> list[str]:
                                           "mean_rel_error", "loss", "digits_fd", "compress_seconds"])]
 
 
-def plot(result: dict, axes) -> None:
+def plot(axes, result: dict) -> None:
     """FD and held-out loss vs rank, one line per method, the uncompressed model dashed; on two given axes."""
     for ax, key, name in zip(axes, ("digits_fd", "loss"), ("classifier FD", "held-out loss")):
         for method in dict.fromkeys(r["method"] for r in result["rows"]):
@@ -101,29 +96,3 @@ def plot(result: dict, axes) -> None:
         ax.axhline(result["uncompressed"][key], color="k", ls="--", lw=1, label="uncompressed")
         ax.set(xscale="log", yscale="log", xlabel="rank r of every Linear", ylabel=name, title=f"{name} vs rank")
     axes[0].legend(fontsize=8)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="diffkit bench lowrank", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--work", type=Path, help="the run folder's parent (default: a temporary folder)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        data, lines = section(args.work or Path(tmp), quick=args.quick)
-    data = {"command": "diffkit bench lowrank" + (" --quick" if args.quick else ""), "torch": torch.__version__,
-            "device": f"CPU ({platform.machine()}, 1 thread)", **data}
-    args.out.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    plot(data, axes)
-    fig.tight_layout()
-    report.save_figure(fig, args.out / "lowrank.png")
-    report.results(args.out, "lowrank", data, ["# Low-rank compression of a trained digits model", "",
-                                                f"Command: `{data['command']}` on {data['device']}, torch "
-                                                f"{data['torch']}.", "", *lines, "", "![lowrank](lowrank.png)", ""])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,6 +28,7 @@ VARIANTS = {"dense": None, "none": "none", "aux_loss": "aux_loss", "aux_free": "
 KEYS = {"none": "moe_maxvio_none", "aux_loss": "moe_maxvio_auxloss", "aux_free": "moe_maxvio_auxfree"}
 DIT = "patch_size: 2, width: 64, depth: 4, heads: 4"
 STEPS = 1500
+PANELS = 1
 
 
 def _overrides(balance: str | None) -> list[str]:
@@ -75,8 +76,9 @@ def markdown(result: dict) -> list[str]:
             report.table(rows, list(rows[0]))]
 
 
-def plot(ax, result: dict) -> None:
+def plot(axes, result: dict) -> None:
     """MaxVio over training (moving average over 2% of the steps), one line per balancing."""
+    (ax,) = axes
     for v, r in result["runs"].items():
         if "maxvio_curve" in r:
             curve = np.asarray(r["maxvio_curve"])

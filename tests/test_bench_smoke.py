@@ -100,10 +100,15 @@ def test_interop_benchmark_quick_writes_results(tmp_path):
 
 
 @pytest.mark.slow
-def test_lowrank_benchmark_quick_writes_results(tmp_path):
-    assert cli.main(["bench", "lowrank", "--quick", "--out", str(tmp_path)]) == 0
-    res = json.loads((tmp_path / "lowrank.json").read_text())
-    assert {(r["method"], r["rank"]) for r in res["rows"]} == {(m, r) for m in ("svd", "id", "cr", "cr (W I)")
-                                                                for r in (2, 8)}
-    assert all(math.isfinite(r["digits_fd"]) and 0 < r["params_fraction"] < 1 for r in res["rows"])
-    assert (tmp_path / "lowrank.png").exists() and "| svd | 8 |" in (tmp_path / "lowrank.md").read_text()
+def test_finetune_benchmark_quick_writes_and_merges_sections(tmp_path):
+    assert cli.main(["bench", "finetune", "--quick", "--only", "lowrank", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "finetune.json").read_text())
+    rows = res["sections"]["lowrank"]["rows"]
+    assert {(r["method"], r["rank"]) for r in rows} == {(m, r) for m in ("svd", "id", "cr", "cr (W I)") for r in (2, 8)}
+    assert all(math.isfinite(r["digits_fd"]) and 0 < r["params_fraction"] < 1 for r in rows)
+    assert cli.main(["bench", "finetune", "--quick", "--only", "moe", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "finetune.json").read_text())
+    assert set(res["sections"]) == {"moe", "lowrank"}  # the lowrank section was kept
+    assert set(res["moe_fd"]) == {"dense", "none", "aux_loss", "aux_free"} and res["moe_maxvio_none"] >= 0
+    md = (tmp_path / "finetune.md").read_text()
+    assert "| svd | 8 |" in md and "| aux_free |" in md and (tmp_path / "finetune.png").exists()
