@@ -1,7 +1,12 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffkit import paths
 from diffkit.nets.dit import DiT
@@ -152,3 +157,18 @@ def test_the_loop_adds_the_aux_loss_to_the_gradient(tmp_path):
     without, _ = run(tmp_path / "none", 2, balance="none")
     router = lambda m: m.net.blocks[0].mlp.router.weight  # noqa: E731
     assert not torch.equal(router(with_aux), router(without))
+
+
+def test_two_processes_count_every_token_and_match_one(tmp_path):
+    """Under torchrun each process routes half the batch; the bias update needs the loads of both halves."""
+    script = Path(__file__).with_name("_moe_run.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                    str(script), str(tmp_path / "ddp"), "4", "8"], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4", "8"], check=True, env=env, timeout=300)
+    r0, r1, one = (load_file(tmp_path / d / f"final-rank{r}.safetensors") for d, r in (("ddp", 0), ("ddp", 1),
+                                                                                           ("one", 0)))
+    assert one["net.blocks.0.mlp.bias"].abs().sum() > 0
+    for k, v in one.items():
+        assert torch.equal(r0[k], r1[k]), f"ranks drifted apart in {k}"
+        torch.testing.assert_close(r0[k], v, rtol=0, atol=1e-5)
