@@ -84,15 +84,19 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         u = x.reshape(-1, x.shape[-1])
         chosen, gates, s = self.route(u)
+        # Group the (token, slot) pairs by expert: one read-back per layer (the group sizes), not one per expert.
+        flat = chosen.flatten()
+        counts = torch.bincount(flat, minlength=len(self.experts))
+        order = flat.argsort(stable=True)
         out = torch.zeros_like(u)
-        for e, expert in enumerate(self.experts):
-            token, slot = (chosen == e).nonzero(as_tuple=True)
-            if len(token):
+        for expert, pairs in zip(self.experts, order.split(counts.tolist())):
+            if len(pairs):
+                token, slot = pairs // self.top_k, pairs % self.top_k
                 out.index_add_(0, token, expert(u[token]) * gates[token, slot, None].to(u.dtype))
         for expert in self.shared:
             out = out + expert(u)
         if self.training and torch.is_grad_enabled():
-            counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).to(self.load)
+            counts = counts.to(self.load)
             self.load += counts
             if self.balance == "aux_loss":
                 f = counts / chosen.numel()
