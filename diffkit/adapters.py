@@ -53,8 +53,8 @@ def import_peft():
     try:
         import peft
     except ImportError as err:
-        raise MissingPeft("model.adapter needs peft (LoRA, LoRA-GA, PiSSA): pip install 'diffkit[lora]' "
-                          "(or pip install 'peft>=0.19')") from err
+        raise MissingPeft(f"model.adapter needs peft (LoRA, LoRA-GA, PiSSA), which did not import ({err}): "
+                          "pip install 'diffkit[lora]' (or pip install 'peft>=0.19')") from err
     return peft
 
 

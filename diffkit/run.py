@@ -91,7 +91,7 @@ def _reference(cfg: Config, x: torch.Tensor, n: int) -> torch.Tensor:
     return latent.decode(cfg, x[:n, 0]) if cfg.data.couples is not None else x[:n]
 
 
-def _start_weights(cfg: Config, shape: tuple[int, ...], n_classes: int, x: torch.Tensor,
+def start_weights(cfg: Config, shape: tuple[int, ...], n_classes: int, x: torch.Tensor,
                    y: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The weights a run with model.init starts from: that run's EMA weights, and with model.adapter the adapters
     initialised on them (diffkit.adapters; LoRA-GA from the gradient of the run's own objective on grad_batches
@@ -127,7 +127,7 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
     shape = configs.sample_shape(cfg, x)
     denoiser = configs.model(cfg, shape, n_classes)
     if cfg.model.init is not None:  # e.g. reflow and finetune start from it; SiD copies it into generator and fake
-        denoiser.load_state_dict(_start_weights(cfg, shape, n_classes, x, y))
+        denoiser.load_state_dict(start_weights(cfg, shape, n_classes, x, y))
     denoiser = denoiser.to(_device())
     model = configs.trainable(cfg, denoiser)
     objective = configs.objective(cfg, n_classes, teacher=denoiser if cfg.model.init is not None else None)

@@ -52,7 +52,7 @@ def test_the_fine_tune_starts_from_the_trained_run_unchanged(base, kind):
                                                   "model.adapter.rank=4", *NEW])
     x, y = configs.dataset(cfg)
     start = configs.model(cfg, (1, 8, 8), 0)
-    start.load_state_dict(run._start_weights(cfg, (1, 8, 8), 0, x, y))
+    start.load_state_dict(run.start_weights(cfg, (1, 8, 8), 0, x, y))
     trained = run.load_run(base)[1].cpu()
     z, sigma = torch.randn(8, 1, 8, 8), torch.logspace(-2, 1, 8)
     with torch.no_grad():

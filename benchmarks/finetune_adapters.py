@@ -1,0 +1,146 @@
+"""Fine-tuning with adapters on digits: a model of the classes 0-4 fine-tuned to 5-9 with LoRA, LoRA-GA, PiSSA
+(rank 8 each, through peft) and in full, each at the best lr of the same sweep.
+
+    diffkit bench adapters [--quick] [--out DIR] [--work DIR]
+
+The base is the digits MLP (width 256, depth 4: every weight matrix is a Linear layer) trained on classes 0-4
+with diffkit's loop (digits_runs.Digits: batch 128, constant lr after warm-up, EMA with EDM's ramp-up). Each
+fine-tune starts from its EMA weights (run.start_weights: the adapters initialised on them, LoRA-GA from the
+gradient of the objective on 8 batches of 5-9) and trains on classes 5-9 at a constant lr (no warm-up), scored
+by the held-out denoising loss of the EMA weights on the 5-9 test split every `every` steps. The target is
+LoRA's final loss at its best lr; a method's steps to target are the first scored step at or below it.
+
+Writes adapters.json / .md / .png under --out (default benchmarks/results). JSON keys:
+`loraga_steps_to_target_over_lora`, `pissa_steps_to_target_over_lora`, `full_steps_to_target_over_lora`
+(None where a method never reaches the target), and per method its best lr, final loss, trainable weights and FD.
+`section(work, quick)` returns the same dictionary for a combined fine-tuning benchmark.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from diffkit import adapters, report  # noqa: E402
+
+# peft imports transformers, which imports the `tokenizers` package: import it before benchmarks/ (which has a
+# tokenizers.py) goes first on the path.
+adapters.import_peft()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_runs import Digits  # noqa: E402
+
+OLD, NEW = "[0,1,2,3,4]", "[5,6,7,8,9]"
+KINDS = ("lora", "lora_ga", "pissa", "full")
+LRS = (1e-3, 3e-3, 1e-2)
+RANK = 8
+FULL = {"base_steps": 1000, "steps": 250, "every": 10, "fd_n": 500}
+QUICK = {"base_steps": 8, "steps": 4, "every": 2, "fd_n": 32}
+
+
+def _fine_tune(work: Path, base: Path, kind: str, lr: float, n: dict, width: int, depth: int) -> tuple[Digits, list]:
+    adapter = [] if kind == "full" else [f"model.adapter.name={kind}", f"model.adapter.rank={RANK}"]
+    d = Digits(width, depth, [f"data.classes={NEW}", f"model.init={base}", *adapter, f"train.lr={lr}",
+                              "train.warmup=0", "train.cosine=false"])
+    start = {"step": 0, "loss": d.heldout_loss(d.model), "seconds": 0.0}
+    return d, [start, *d.curve(list(range(n["every"], n["steps"] + 1, n["every"])), work / f"{kind}-{lr:g}")]
+
+
+def section(work: Path, quick: bool = False) -> dict:
+    """Train the base, fine-tune it every way, and return the results (the JSON of this benchmark)."""
+    n, (width, depth) = (QUICK, (32, 1)) if quick else (FULL, (256, 4))
+    base = Digits(width, depth, [f"data.classes={OLD}", "train.cosine=false"])
+    base.train(n["base_steps"], work / "base")
+    rows, best, lrs = {}, {}, LRS[:2] if quick else LRS
+    for kind in KINDS:
+        for lr in lrs:
+            d, curve = _fine_tune(work, work / "base", kind, lr, n, width, depth)
+            rows[f"{kind} lr={lr:g}"] = curve
+            if kind not in best or curve[-1]["loss"] < best[kind]["curve"][-1]["loss"]:
+                best[kind] = {"lr": lr, "curve": curve, "digits": d}
+    target = best["lora"]["curve"][-1]["loss"]
+    summary = []
+    for kind, b in best.items():
+        d = b["digits"]
+        hit = next((r for r in b["curve"] if r["loss"] <= target), None)
+        ema = d.train(n["steps"], work / f"{kind}-{b['lr']:g}")  # resumes at its last step: the EMA weights
+        summary.append({"method": kind, "lr": b["lr"], "final_loss": b["curve"][-1]["loss"],
+                        "start_loss": b["curve"][0]["loss"], "steps_to_target": hit["step"] if hit else None,
+                        "seconds_to_target": hit["seconds"] if hit else None,
+                        "trainable_params": sum(p.numel() for p in d.model.parameters() if p.requires_grad),
+                        "total_params": d.params, "digits_fd": d.fd(ema, n["fd_n"])})
+    lora = next(s for s in summary if s["method"] == "lora")["steps_to_target"]
+    result = {"base": {"classes": OLD, "steps": n["base_steps"], "heldout_loss": base.heldout_loss(base.model),
+                       "width": width, "depth": depth},
+              "fine_tune": {"classes": NEW, "steps": n["steps"], "every": n["every"], "rank": RANK, "lrs": list(lrs)},
+              "target_loss": target, "summary": summary, "curves": rows}
+    for s in summary:
+        if s["method"] != "lora":
+            key = {"lora_ga": "loraga"}.get(s["method"], s["method"])
+            result[f"{key}_steps_to_target_over_lora"] = s["steps_to_target"] / lora if s["steps_to_target"] else None
+    return result
+
+
+def figure(result: dict, path: Path) -> None:
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
+    for s in result["summary"]:
+        curve = result["curves"][f"{s['method']} lr={s['lr']:g}"]
+        ax[0].plot([r["step"] for r in curve], [r["loss"] for r in curve], label=f"{s['method']} (lr {s['lr']:g})")
+        ax[1].plot(result["fine_tune"]["lrs"][:len([k for k in result["curves"] if k.startswith(s["method"] + " ")])],
+                   [result["curves"][k][-1]["loss"] for k in result["curves"] if k.startswith(s["method"] + " ")],
+                   marker="o", label=s["method"])
+    ax[0].axhline(result["target_loss"], color="gray", ls=":", label="target (LoRA's final loss)")
+    ax[0].set(title=f"held-out loss on {result['fine_tune']['classes']} (EMA), best lr each, rank "
+                    f"{result['fine_tune']['rank']}", xlabel="fine-tuning step", yscale="log")
+    ax[1].set(title="final loss vs lr", xlabel="lr", xscale="log", yscale="log")
+    for a in ax:
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    report.save_figure(fig, path)
+
+
+def markdown(result: dict) -> list[str]:
+    b, f = result["base"], result["fine_tune"]
+    rows = [{"method": s["method"], "best lr": f"{s['lr']:g}", "trainable": f"{s['trainable_params']:,}",
+             "start loss": f"{s['start_loss']:.4f}", "final loss": f"{s['final_loss']:.4f}",
+             "steps to target": s["steps_to_target"] or "never",
+             "s to target": f"{s['seconds_to_target']:.1f}" if s["seconds_to_target"] else "-",
+             "FD": f"{s['digits_fd']:.2f}"} for s in result["summary"]]
+    ratios = {k: v for k, v in result.items() if k.endswith("_steps_to_target_over_lora")}
+    return [f"# Fine-tuning with adapters: digits {b['classes']} -> {f['classes']}", "",
+            f"`{result['command']}` on {result['device']}, torch {result['torch']}.", "",
+            f"Base: MLP width {b['width']}, depth {b['depth']}, {b['steps']} steps on {b['classes']} (held-out loss "
+            f"{b['heldout_loss']:.4f}). Fine-tunes: {f['steps']} steps on {f['classes']}, rank {f['rank']}, best lr "
+            f"of {', '.join(f'{lr:g}' for lr in f['lrs'])}, scored every {f['every']} steps. Target: LoRA's final "
+            f"loss {result['target_loss']:.4f}.", "", report.table(rows, list(rows[0])), "",
+            "Steps to target over LoRA's: " + ", ".join(f"{k.split('_')[0]} {v:.2f}" if v else f"{k.split('_')[0]} "
+                                                       "never" for k, v in ratios.items()), "",
+            "![loss curves](adapters.png)", ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="diffkit bench adapters", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--work", type=Path, help="run folders (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {"command": "diffkit bench adapters" + (" --quick" if args.quick else ""),
+                  "torch": torch.__version__, "device": f"CPU ({platform.machine()}, 1 thread)",
+                  **section(args.work or Path(tmp), args.quick)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    figure(result, args.out / "adapters.png")
+    report.results(args.out, "adapters", result, markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
