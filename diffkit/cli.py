@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="run the net compiled, in bf16 and as one CUDA graph per call (for GPUs: the first "
                             "batch compiles, then sampling is several times faster; samples differ at bf16 precision)")
         p.add_argument("--merge", action="store_true",
-                       help="a fine-tuned run: merge its adapters into the weights first (same samples up to float error)")
+                       help="a fine-tuned run: merge its adapters into the weights first (the same samples up to "
+                            "float error)")
         if name == "eval":
             p.add_argument("--likelihood", action="store_true",
                            help="score the held-out split's bits/dim under the model instead of sampling (flows "

@@ -3,7 +3,8 @@
 Fine-tuning is a derived run (diffkit.run.derive_run), not a method: the new run keeps the trained run's
 method, objective, path and sampler. Its config is the trained run's with model.init = RUN and
 model.adapter = the adapters (diffkit.adapters; `full`: none, every weight trains), and the overrides on top,
-e.g. data.classes=[5,6,7,8,9] for new data. The training loop trains only parameters that require a gradient
+e.g. data.classes=[5,6,7,8,9] for new data; a run without an EMA ramp-up gets EDM's (0.05), so the EMA
+forgets the starting weights in proportion to the fine-tuning done. The training loop trains only parameters that require a gradient
 (train.optim.build), so nothing else changes: the new run samples, evaluates and resumes like any run
 (`diffkit sample NEW [--merge]`). After training it writes adapter.safetensors: what the fine-tune adds to RUN
 (every adapter's A and B of the EMA weights; for PiSSA and LoRA-GA, which start from residual weights, also the
@@ -21,6 +22,7 @@ from diffkit import adapters
 from diffkit.method import Derivation, Option, Trained, quote
 
 FULL = "full"  # every weight trains, no adapters
+RAMPUP = 0.05  # EDM's EMA ramp-up ratio, for runs that start from trained weights (ARCHITECTURE.md §4)
 
 
 class Finetune(Derivation):
@@ -43,6 +45,8 @@ class Finetune(Derivation):
             raise ValueError(f"{teacher.folder} is itself fine-tuned with {cfg.model.adapter.name} adapters: "
                              f"fine-tune its base run ({cfg.model.init}) instead")
         start = [f"model.init={quote(teacher.folder)}"]
+        if cfg.train.ema_rampup == 0:  # a fixed decay would keep the trained run's weights in the EMA for long
+            start.append(f"train.ema_rampup={RAMPUP}")
         if kind == FULL:
             return [*start, "model.adapter.name=null"]
         adapters.import_peft()  # the install hint before any work

@@ -1,8 +1,8 @@
 """The registry of training methods: every method family is listed here once (diffkit.method says what one is).
 
 `objective.name` in a config names the method; `get` finds it, and `commands` lists the commands that derive new
-runs from trained ones (`diffkit reflow`, `diffkit distill`, and `diffkit finetune`, which keeps the run's method). Adding a family is a subclass of Method next to its
-algorithm and one entry below.
+runs from trained ones (`diffkit reflow`, `diffkit distill`, and `diffkit finetune`, which keeps the run's method).
+Adding a family is a subclass of Method next to its algorithm and one entry below.
 """
 from __future__ import annotations
 

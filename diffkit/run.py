@@ -237,7 +237,8 @@ def sample_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int,
 
 
 def output_name(kind: str, cfg: Config, sampler: str, grid: str | None, nfe: int, *, n: int, seed: int,
-                label: int | None = None, guidance: float | None = None, fast: bool = False, merge: bool = False) -> str:
+                label: int | None = None, guidance: float | None = None, fast: bool = False,
+                merge: bool = False) -> str:
     """The name of a sample or eval output inside a run folder: every setting that changes what it holds, so two
     commands that differ never write to the same place (e.g. samples-dpmpp_2m-calibrated-10nfe-n64-seed0)."""
     own = bool(registry.get(cfg.objective.name).samplers)  # a method's own sampler has no grid

@@ -81,8 +81,9 @@ def test_merging_adds_exactly_s_b_a():
     torch.manual_seed(1)
     for layer in adapters.layers(net).values():  # B = 0 at init: give it weights so the merge adds something
         nn.init.normal_(layer.lora_B["default"].weight)
-    expected = {n: layer.get_base_layer().weight.detach() + (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
-                * 1.5 for n, layer in adapters.layers(net).items()}
+    expected = {n: layer.get_base_layer().weight.detach()
+                + (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * 1.5
+                for n, layer in adapters.layers(net).items()}
     unmerged = net(x, c).detach()
     assert adapters.merge(net) == len(expected)
     for name, layer in adapters.layers(net).items():

@@ -97,3 +97,16 @@ def test_interop_benchmark_quick_writes_results(tmp_path):
     assert {r["sampler"] for r in res["rows"]} >= {"DPM++ 2M", "dpmpp_2m (calibrated grid)"}
     assert all(math.isfinite(r["digits_fd"]) for r in res["rows"])
     assert [b["nfe"] for b in res["best_by_nfe"]] == [4] and (tmp_path / "interop.md").exists()
+
+
+@pytest.mark.slow
+def test_adapters_benchmark_quick_writes_results(tmp_path):
+    assert cli.main(["bench", "adapters", "--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work")]) == 0
+    res = json.loads((tmp_path / "adapters.json").read_text())
+    assert [s["method"] for s in res["summary"]] == ["lora", "lora_ga", "pissa", "full"]
+    # every adapter starts where the base model is (its output unchanged at init), on the same held-out loss
+    starts = {s["method"]: s["start_loss"] for s in res["summary"]}
+    assert max(starts.values()) - min(starts.values()) < 1e-4
+    assert {s["trainable_params"] for s in res["summary"][:3]} == {res["summary"][0]["trainable_params"]}
+    assert res["summary"][3]["trainable_params"] == res["summary"][3]["total_params"]
+    assert "loraga_steps_to_target_over_lora" in res and (tmp_path / "adapters.png").exists()

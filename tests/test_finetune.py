@@ -62,6 +62,7 @@ def test_the_fine_tune_starts_from_the_trained_run_unchanged(base, kind):
 def test_only_the_adapters_train_and_they_are_saved_in_safetensors(base, lora_ga):
     cfg = yaml.safe_load((lora_ga / "config.yaml").read_text())["config"]
     assert cfg["model"]["init"] == str(base) and cfg["data"]["classes"] == [5, 6, 7, 8, 9]
+    assert cfg["train"]["ema_rampup"] == 0.05  # the base run's 0 would keep its weights in the EMA
     assert cfg["model"]["adapter"] == {"name": "lora_ga", "rank": 4, "alpha": None, "targets": "all",
                                            "grad_batches": 8}
     before, after = checkpoint.load_latest(base).ema, checkpoint.load_latest(lora_ga).ema
@@ -105,6 +106,15 @@ def test_bad_fine_tunes_are_clear_errors(base, lora_ga, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     fails([str(base)], r"pip install 'diffkit\[lora\]'")
     assert not (tmp_path / "new").exists()
+
+
+def test_svd_adapters_on_a_conv_net_are_refused_before_any_work():
+    cfg = configs.load(None, ["model.net=unet", "model.init=x", "model.adapter.name=pissa"])
+    with pytest.raises(ValueError, match="Conv2d layers .* model.adapter.targets=linear"):
+        configs.model(cfg, (1, 8, 8), 0)
+    linear = configs.model(configs.derive(cfg, ["model.adapter.targets=linear"]), (1, 8, 8), 0)
+    convs = [m for m in linear.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and not any(p.requires_grad for m in convs for p in m.parameters())
 
 
 def test_sid_runs_take_no_adapters():
