@@ -96,7 +96,12 @@ def start_weights(cfg: Config, shape: tuple[int, ...], n_classes: int, x: torch.
     """The weights a run with model.init starts from: that run's EMA weights, and with model.adapter the adapters
     initialised on them (diffkit.adapters; LoRA-GA from the gradient of the run's own objective on grad_batches
     seeded batches of its data)."""
-    base, a, device = ema_weights(cfg.model.init), cfg.model.adapter, _device()
+    ck, a, device = latest_checkpoint(cfg.model.init), cfg.model.adapter, _device()
+    base, known = ck.ema, ck.config.get("num_classes", n_classes)
+    if known != n_classes:
+        raise ValueError(f"this run's data has {n_classes} classes and {cfg.model.init}'s net was built for {known}: "
+                         "a label table keeps its size (fine-tune a conditional run on labels below its class "
+                         "count, or start from an unconditional run)")
     if a.name is None:
         return base
     plain = configs.model(configs.derive(cfg, ["model.adapter.name=null"]), shape, n_classes)
