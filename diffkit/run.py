@@ -94,18 +94,15 @@ def _reference(cfg: Config, x: torch.Tensor, n: int) -> torch.Tensor:
 def start_weights(cfg: Config, shape: tuple[int, ...], n_classes: int, x: torch.Tensor,
                    y: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The weights a run with model.init starts from: that run's EMA weights, and with model.adapter the adapters
-    initialised on them (diffkit.adapters; LoRA-GA from the gradient of the run's own objective on grad_batches
-    seeded batches of its data)."""
+    initialised on them (diffkit.adapters; LoRA-GA from the gradient of the run's objective on grad_batches batches)."""
     ck, a, device = latest_checkpoint(cfg.model.init), cfg.model.adapter, _device()
-    base, known = ck.ema, ck.config.get("num_classes", n_classes)
-    if known != n_classes:
-        raise ValueError(f"this run's data has {n_classes} classes and {cfg.model.init}'s net was built for {known}: "
-                         "a label table keeps its size (fine-tune a conditional run on labels below its class "
-                         "count, or start from an unconditional run)")
+    if ck.config.get("num_classes", n_classes) != n_classes:
+        raise ValueError(f"this run's data has {n_classes} classes and {cfg.model.init}'s net was built for "
+                         f"{ck.config['num_classes']}: keep its data.conditional, and labels below its class count")
     if a.name is None:
-        return base
+        return ck.ema
     plain = configs.model(configs.derive(cfg, ["model.adapter.name=null"]), shape, n_classes)
-    plain.load_state_dict(base)
+    plain.load_state_dict(ck.ema)
     plain, objective = plain.to(device), configs.objective(cfg, n_classes)
     g, draws = torch.Generator().manual_seed(cfg.train.seed), torch.Generator(device).manual_seed(cfg.train.seed)
 

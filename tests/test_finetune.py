@@ -103,7 +103,7 @@ def test_bad_fine_tunes_are_clear_errors(base, lora_ga, tmp_path, monkeypatch):
     fails([str(lora_ga)], "itself fine-tuned with lora_ga adapters: fine-tune its base run")
     fails([str(base), "--adapter", "dora"], "unknown --adapter 'dora'")
     fails([str(base), "--rank", "40"], "rank 40 exceeds layer")
-    fails([str(base), "data.conditional=true"], "has 5 classes and .* built for 0: a label table keeps its size")
+    fails([str(base), "data.conditional=true"], "has 5 classes and .* built for 0: keep its data.conditional")
     monkeypatch.setitem(sys.modules, "peft", None)
     fails([str(base)], r"pip install 'diffkit\[lora\]'")
     assert not (tmp_path / "new").exists()
