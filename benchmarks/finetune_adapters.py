@@ -53,6 +53,15 @@ def _fine_tune(work: Path, base: Path, kind: str, lr: float, n: dict, width: int
     return d, [start, *d.curve(list(range(n["every"], n["steps"] + 1, n["every"])), work / f"{kind}-{lr:g}")]
 
 
+def _loss_at(curve: list[dict], step: int) -> float:
+    return next(r["loss"] for r in curve if r["step"] == step)
+
+
+def _steps_to(curve: list[dict], target: float) -> int | None:
+    """The first scored step at or below `target` (None: never within the run)."""
+    return next((r["step"] for r in curve if r["loss"] <= target), None)
+
+
 def section(work: Path, quick: bool = False) -> dict:
     """Train the base, fine-tune it every way, and return the results (the JSON of this benchmark)."""
     n, (width, depth) = (QUICK, (32, 1)) if quick else (FULL, (256, 4))
@@ -66,10 +75,16 @@ def section(work: Path, quick: bool = False) -> dict:
             if kind not in best or curve[-1]["loss"] < best[kind]["curve"][-1]["loss"]:
                 best[kind] = {"lr": lr, "curve": curve, "digits": d}
     target = best["lora"]["curve"][-1]["loss"]
+    # Looser targets: LoRA's loss after a fifth and half of the steps; and each lr on its own (LoRA's final loss).
+    marks = sorted({max(n["every"], round(n["steps"] * f / n["every"]) * n["every"]) for f in (0.2, 0.5, 1.0)})
+    milestones = [{"lora_step": m, "target_loss": (t := _loss_at(best["lora"]["curve"], m)),
+                   **{k: _steps_to(b["curve"], t) for k, b in best.items()}} for m in marks]
+    same_lr = [{"lr": lr, "target_loss": (t := rows[f"lora lr={lr:g}"][-1]["loss"]),
+                **{k: _steps_to(rows[f"{k} lr={lr:g}"], t) for k in KINDS}} for lr in lrs]
     summary = []
     for kind, b in best.items():
         d = b["digits"]
-        hit = next((r for r in b["curve"] if r["loss"] <= target), None)
+        hit = next((r for r in b["curve"] if r["loss"] <= target), None)  # its seconds too
         ema = d.train(n["steps"], work / f"{kind}-{b['lr']:g}")  # resumes at its last step: the EMA weights
         summary.append({"method": kind, "lr": b["lr"], "final_loss": b["curve"][-1]["loss"],
                         "start_loss": b["curve"][0]["loss"], "steps_to_target": hit["step"] if hit else None,
@@ -80,7 +95,8 @@ def section(work: Path, quick: bool = False) -> dict:
     result = {"base": {"classes": OLD, "steps": n["base_steps"], "heldout_loss": base.heldout_loss(base.model),
                        "width": width, "depth": depth},
               "fine_tune": {"classes": NEW, "steps": n["steps"], "every": n["every"], "rank": RANK, "lrs": list(lrs)},
-              "target_loss": target, "summary": summary, "curves": rows}
+              "target_loss": target, "summary": summary, "milestones": milestones, "same_lr": same_lr,
+              "curves": rows}
     for s in summary:
         if s["method"] != "lora":
             key = {"lora_ga": "loraga"}.get(s["method"], s["method"])
@@ -122,6 +138,10 @@ def markdown(result: dict) -> list[str]:
             f"loss {result['target_loss']:.4f}.", "", report.table(rows, list(rows[0])), "",
             "Steps to target over LoRA's: " + ", ".join(f"{k.split('_')[0]} {v:.2f}" if v else f"{k.split('_')[0]} "
                                                        "never" for k, v in ratios.items()), "",
+            "Steps to LoRA's loss (best lr each) after a part of its run:", "",
+            report.table(result["milestones"], ["lora_step", "target_loss", *KINDS]), "",
+            "Each lr on its own: steps to LoRA's final loss at that lr (none: not reached):", "",
+            report.table(result["same_lr"], ["lr", "target_loss", *KINDS]), "",
             "![loss curves](adapters.png)", ""]
 
 
