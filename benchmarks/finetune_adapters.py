@@ -105,7 +105,7 @@ def section(work: Path, quick: bool = False) -> dict:
 
 
 def figure(result: dict, path: Path) -> None:
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
     for s in result["summary"]:
         curve = result["curves"][f"{s['method']} lr={s['lr']:g}"]
         ax[0].plot([r["step"] for r in curve], [r["loss"] for r in curve], label=f"{s['method']} (lr {s['lr']:g})")
@@ -116,6 +116,12 @@ def figure(result: dict, path: Path) -> None:
     ax[0].set(title=f"held-out loss on {result['fine_tune']['classes']} (EMA), best lr each, rank "
                     f"{result['fine_tune']['rank']}", xlabel="fine-tuning step", yscale="log")
     ax[1].set(title="final loss vs lr", xlabel="lr", xscale="log", yscale="log")
+    for kind, color in (("lora", "C0"), ("lora_ga", "C1")):
+        for lr, style in zip(result["fine_tune"]["lrs"], (":", "--", "-")):
+            curve = result["curves"][f"{kind} lr={lr:g}"]
+            ax[2].plot([r["step"] for r in curve], [r["loss"] for r in curve], style, color=color,
+                       label=f"{kind} lr {lr:g}")
+    ax[2].set(title="LoRA vs LoRA-GA at each lr", xlabel="fine-tuning step", yscale="log")
     for a in ax:
         a.legend(fontsize=7)
     fig.tight_layout()
