@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     # Commands that make a new run from a trained one (`diffkit reflow`, `distill`, `finetune`): one each.
     for command, method in registry.commands().items():
         p = sub.add_parser(command, help=method.command_help)
-        p.add_argument("run", type=Path, help="the trained run to start from (the teacher)")
+        p.add_argument("run", type=Path, help="the trained run to start from")
         p.add_argument("overrides", nargs="*", help="section.key=value for the new run, e.g. train.steps=2000")
         p.add_argument("--out", type=Path, required=True, help="the new run's folder; resumes if it exists")
         for o in method.options:
