@@ -35,6 +35,9 @@ class Digits:
         self.classes = configs.num_classes(self.cfg, self.y)
         torch.manual_seed(self.cfg.train.seed)
         self.model = configs.model(self.cfg, tuple(self.x.shape[1:]), self.classes)
+        if self.cfg.model.init is not None:  # a run started from a trained one (with adapters: fine-tuning)
+            self.model.load_state_dict(run.start_weights(self.cfg, tuple(self.x.shape[1:]), self.classes, self.x,
+                                                         self.y))
         self.objective = configs.objective(self.cfg, self.classes)
         self.params = sum(p.numel() for p in self.model.parameters())
         self.seconds = 0.0

@@ -1,5 +1,5 @@
 """The `diffkit` command: demo, train, sample, eval, calibrate, compress, decompress, export, tune, bench, and the
-commands of methods that derive new runs from trained ones (diffkit.registry: reflow, distill). sample and eval also
+commands that derive new runs from trained ones (diffkit.registry: reflow, distill, finetune). sample and eval also
 take a diffusers folder.
 
 `bench` runs a benchmark script from the source checkout's benchmarks/ folder (benchmarks are not part of
@@ -19,12 +19,13 @@ if not sys.stderr.isatty():  # a log file: progress bars update every 30 s, not 
     os.environ.setdefault("TQDM_MININTERVAL", "30")  # anything imports tqdm, which reads its environment then.
 
 from diffkit import registry  # noqa: E402
+from diffkit.adapters import MissingPeft  # noqa: E402
 from diffkit.grids import NAMED as GRIDS  # noqa: E402
 from diffkit.nets.diffusers_unet import MissingDiffusers  # noqa: E402
 
 BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py", "onestep": "onestep.py",
               "throughput": "throughput.py", "likelihood": "likelihood.py", "bad_input": "bad_input.py",
-              "tokenizers": "tokenizers.py", "codec": "codec.py", "optimizers": "optimizers.py",
+              "tokenizers": "vq_tokenizers.py", "codec": "codec.py", "optimizers": "optimizers.py",
               "scaling": "scaling.py", "interop": "interop.py", "finetune": "finetune.py"}
 
 
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--fast", action="store_true",
                        help="run the net compiled, in bf16 and as one CUDA graph per call (for GPUs: the first "
                             "batch compiles, then sampling is several times faster; samples differ at bf16 precision)")
+        p.add_argument("--merge", action="store_true",
+                       help="a fine-tuned run: merge its adapters into the weights first (the same samples up to "
+                            "float error)")
         if name == "eval":
             p.add_argument("--likelihood", action="store_true",
                            help="score the held-out split's bits/dim under the model instead of sampling (flows "
@@ -154,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="diffusers: a DDPMPipeline folder that DDPMPipeline/DDIMPipeline.from_pretrained load; "
                         "diffkit: weights.safetensors + diffkit.yaml (diffkit.export.load_export reads it)")
 
-    # Methods that make a new run from a trained one (`diffkit reflow`, `diffkit distill`): one command each.
+    # Commands that make a new run from a trained one (`diffkit reflow`, `distill`, `finetune`): one each.
     for command, method in registry.commands().items():
         p = sub.add_parser(command, help=method.command_help)
-        p.add_argument("run", type=Path, help="the trained run to start from (the teacher)")
+        p.add_argument("run", type=Path, help="the trained run to start from")
         p.add_argument("overrides", nargs="*", help="section.key=value for the new run, e.g. train.steps=2000")
         p.add_argument("--out", type=Path, required=True, help="the new run's folder; resumes if it exists")
         for o in method.options:
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
             folder = run.sample_run(args.run, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
                                     guidance=args.guidance, label=args.label, out=args.out, grid=args.grid,
-                                    fast=args.fast)
+                                    fast=args.fast, merge=args.merge)
             print(f"samples: {folder}/samples.png")
             return 0
         if args.command == "eval":
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = run.likelihood_run(args.run, n=args.n, seed=args.seed)
             else:
                 result = run.eval_run(args.run, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
-                                      grid=args.grid, fast=args.fast, data=args.data)
+                                      grid=args.grid, fast=args.fast, data=args.data, merge=args.merge)
             print(json.dumps(result, indent=2))
             return 0
         if args.command == "calibrate":
@@ -265,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.command}: {folder}/report.md")
             return 0
         return bench(args.name, args.args)
-    except (ValueError, FileNotFoundError, FileExistsError, MissingDiffusers) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, MissingDiffusers, MissingPeft) as err:
         raise SystemExit(f"diffkit {args.command}: {err}") from err
     except KeyboardInterrupt as err:  # Ctrl-C: one line (training's says which step it saved), status 130
         print(f"diffkit {args.command}: {str(err) or 'interrupted'}", file=sys.stderr)

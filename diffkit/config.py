@@ -19,7 +19,8 @@ import yaml
 from torch import nn
 
 from diffkit import data as datasets
-from diffkit import grids, paths, registry, samplers
+from diffkit import adapters, grids, paths, registry, samplers
+from diffkit.adapters import AdapterSettings
 from diffkit.onestep import reflow
 from diffkit.precond import PREDICTIONS, Precond
 from diffkit.train import clip, optim, spectral
@@ -37,6 +38,7 @@ class DataConfig:
     conditional: bool = False  # train with labels (and label dropout for guidance)
     couples: str | None = None  # reflow: train on the (noise, sample) couples in this folder instead
     tokenizer: str | None = None  # latent diffusion: train on the latents of this tokenizer run (diffkit.latent)
+    classes: list | None = None  # keep only the samples with these labels, in both splits; null: all
 
 
 @dataclass
@@ -47,7 +49,8 @@ class ModelConfig:
     shift: float = 1.0  # log-SNR shift scale (Shifted path) when != 1
     prediction: str = "edm"  # eps | x0 | v | velocity | score | edm
     sigma_data: float = 0.5
-    init: str | None = None  # a run folder: its EMA weights start the net (reflow) or are the teacher (sid)
+    init: str | None = None  # a run folder: its EMA weights start the net (reflow, finetune) or are SiD's teacher
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)  # low-rank adapters (diffkit.adapters)
 
 
 @dataclass
@@ -204,6 +207,11 @@ def validate(cfg: Config) -> Config:
     for key in ("size", "stride"):
         if getattr(d, key) is not None and getattr(d, key) < 1:
             raise ValueError(f"data.{key} must be a positive integer (or null), got {getattr(d, key)}")
+    datasets.check_classes(d.classes)
+    if d.classes is not None and (d.name in (*datasets.TOYS, "photos") or d.couples is not None):
+        raise ValueError("data.classes keeps the samples of some labels; " + ("reflow couples have none" if d.couples
+                         else f"{d.name} has none (use digits, or a folder of class sub-folders)"))
+    adapters.check(m.adapter, m.init)
     if d.name in ("folder", "hf") and (d.source is None or d.size is None):
         raise ValueError(f"data.name={d.name} needs data.source (the {'folder' if d.name == 'folder' else 'dataset'}) "
                          "and data.size (the image side in pixels)")
@@ -288,6 +296,8 @@ def dataset(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tens
         x, y = datasets.hf_dataset(d.source, d.size, split=split, channels=d.channels)
     else:
         raise ValueError(f"unknown data.name {d.name!r}; use digits, photos, folder, hf or a toy: {', '.join(datasets.TOYS)}")
+    if d.classes is not None:
+        x, y = datasets.keep_classes(x, y, d.classes, f"{d.name} ({split} split)")
     return x, (y if d.conditional else None)
 
 
@@ -345,6 +355,8 @@ def model(cfg: Config, sample_shape: tuple[int, ...], n_classes: int) -> nn.Modu
         net = cls(**data_args, num_classes=n_classes, **extra, **m.args)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"model.args {m.args} do not build a {m.net}: {err}") from None
+    if m.adapter.name is not None:  # the adapters' structure; their weights come from a checkpoint or run.train_run
+        adapters.attach(net, m.adapter, init=False)
     return method.wrap(net, cfg, path(cfg))
 
 
@@ -377,4 +389,8 @@ def describe(cfg: Config) -> dict[str, Any]:
         facts |= {"path": cfg.model.path, "prediction": cfg.model.prediction}
     if cfg.data.tokenizer is not None:
         facts["latents of"] = cfg.data.tokenizer
+    if cfg.data.classes is not None:
+        facts["classes"] = ", ".join(map(str, cfg.data.classes))
+    if cfg.model.adapter.name is not None:
+        facts["adapter"] = f"{cfg.model.adapter.name}, rank {cfg.model.adapter.rank}"
     return {**facts, **method.facts(cfg), "steps": cfg.train.steps}

@@ -221,3 +221,27 @@ def hf_dataset(name: str, size: int, *, split: str = "train", image_key: str = "
     x = torch.stack([_to_tensor(im, size, channels) for im in ds[image_key]])
     y = torch.tensor(ds[label_key]) if label_key and label_key in ds.column_names else None
     return x, y
+
+
+def keep_classes(x: Tensor, y: Tensor | None, classes: list[int], what: str) -> tuple[Tensor, Tensor]:
+    """The samples of x (and their labels y) whose label is in `classes` (data.classes); every class must have
+    some. `what` names the data in errors."""
+    if y is None:
+        raise ValueError(f"data.classes keeps the samples of some labels; {what} has no labels (a folder needs one "
+                         "sub-folder per class)")
+    present = y.unique().tolist()
+    missing = sorted(set(classes) - set(present))
+    if missing:
+        raise ValueError(f"data.classes: {what} has no sample of class {', '.join(map(str, missing))} (its labels "
+                         f"are {', '.join(map(str, present))})")
+    keep = torch.isin(y, torch.tensor(classes, dtype=y.dtype))
+    return x[keep], y[keep]
+
+
+def check_classes(classes) -> None:
+    """data.classes: null, or a non-empty list of distinct class indices >= 0."""
+    ok = isinstance(classes, list) and classes and len(set(classes)) == len(classes) and \
+        all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in classes)
+    if classes is not None and not ok:
+        raise ValueError("data.classes must be null or a non-empty list of distinct class indices >= 0, e.g. "
+                         f"[5, 6, 7, 8, 9]; got {classes!r}")

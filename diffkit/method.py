@@ -10,7 +10,8 @@ A method (denoising, shortcut models, ReFlow, SiD; flows, tokenizers and codecs 
                        codecs generate nothing (`generates = False`) and `reconstruct` instead
     what it logs       optionally numbers measured on held-out data during training (`monitor`)
     its likelihood     by the probability-flow ODE (diffkit.likelihood), exact (`log_prob`, flows), or none
-    how it is derived  optionally a command that makes a new run of it from a trained one (`command`)
+    how it is derived  optionally a command that makes a new run of it from a trained one (`command`, a
+                       Derivation; fine-tuning is one too, for runs of any method with `finetunes`)
 
 Each method subclasses `Method` next to its algorithm (objectives.py, onestep/*.py) and is listed once in
 diffkit.registry. config, generate, run and cli look the method up there and never test a method's name.
@@ -56,7 +57,28 @@ class Trained:
     device: torch.device
 
 
-class Method:
+class Derivation:
+    """A command that makes a new run from a trained one: `diffkit <command> RUN --out NEW` (diffkit.run.derive_run).
+    Methods derive runs of themselves (reflow, distill); fine-tuning (diffkit.finetune) keeps the trained run's
+    method and adds adapters, so it is a derivation without a method of its own."""
+
+    command: str | None = None  # `diffkit <command> RUN --out NEW`
+    command_help = ""
+    options: tuple[Option, ...] = ()
+
+    def derive(self, teacher: Trained, options: dict, out_dir: FilePath) -> list[str]:
+        """Check the trained run `teacher` can start this new run, and return the new run's config overrides."""
+        raise NotImplementedError
+
+    def before_training(self, teacher: Trained, options: dict, out_dir: FilePath, *, progress: bool) -> None:
+        """Work the new run needs before it trains (ReFlow draws its couples here)."""
+
+    def after_training(self, teacher: Trained, trained: Trained, options: dict) -> tuple[dict[str, dict], str]:
+        """Measurements of the new run against its teacher: ({JSON file name: content}, lines for its report)."""
+        return {}, ""
+
+
+class Method(Derivation):
     """Defaults are those of plain denoising: a Precond trained as it is, sampled by any sigma-grid sampler."""
 
     name: str = ""
@@ -68,9 +90,8 @@ class Method:
     samplers: tuple[str, ...] = ()  # its own samplers, the first the default; (): diffkit.samplers' grid samplers
     likelihood: str | None = "ode"  # "ode" (its Precond's PF-ODE), "exact" (`log_prob`) or None (none defined)
     generates = True  # False: a codec (tokenizer), which reconstructs its input instead of sampling
-    command: str | None = None  # `diffkit <command> RUN --out NEW`: a new run of this method from a trained one
-    command_help = ""
-    options: tuple[Option, ...] = ()
+    finetunes = True  # its runs can be fine-tuned (model.init starts its net; False where model.init is a teacher)
+    # command, command_help, options (Derivation): `diffkit <command> RUN --out NEW`, a new run of this method
 
     # --- config -------------------------------------------------------------------------------------------
     def check(self, cfg) -> None:
@@ -78,6 +99,8 @@ class Method:
         m = cfg.model
         if m.net not in self.nets:
             raise ValueError(f"objective.name={self.name} trains model.net {' or '.join(self.nets)}, not {m.net!r}")
+        if m.adapter.name is not None and not self.finetunes:
+            raise ValueError(f"objective.name={self.name} takes no model.adapter: its model.init is a teacher")
         if self.trains_flow and (m.path != "rectified_flow" or m.prediction != "velocity" or m.shift != 1):
             raise ValueError(f"objective.name={self.name} trains a flow: set model.path=rectified_flow, "
                              f"model.prediction=velocity, model.shift=1 (got {m.path}, {m.prediction}, {m.shift})")
@@ -135,18 +158,6 @@ class Method:
     def log_prob(self, model: nn.Module, x: Tensor, cond: Tensor | None = None) -> Tensor:
         """The exact log-density (B,) of x (B, *shape) for methods with likelihood = "exact"."""
         raise NotImplementedError
-
-    # --- deriving a new run from a trained one (methods with a `command`) -----------------------------------
-    def derive(self, teacher: Trained, options: dict, out_dir: FilePath) -> list[str]:
-        """Check the trained run `teacher` can start this method, and return the new run's config overrides."""
-        raise NotImplementedError
-
-    def before_training(self, teacher: Trained, options: dict, out_dir: FilePath, *, progress: bool) -> None:
-        """Work the new run needs before it trains (ReFlow draws its couples here)."""
-
-    def after_training(self, teacher: Trained, trained: Trained, options: dict) -> tuple[dict[str, dict], str]:
-        """Measurements of the new run against its teacher: ({JSON file name: content}, lines for its report)."""
-        return {}, ""
 
 
 def labels_of(label: int | None, z: Tensor) -> Tensor | None:

@@ -1,16 +1,17 @@
 """The registry of training methods: every method family is listed here once (diffkit.method says what one is).
 
-`objective.name` in a config names the method; `get` finds it, and `commands` lists the methods that derive new
-runs from trained ones (`diffkit reflow`, `diffkit distill`). Adding a family is a subclass of Method next to its
-algorithm and one entry below.
+`objective.name` in a config names the method; `get` finds it, and `commands` lists the commands that derive new
+runs from trained ones (`diffkit reflow`, `diffkit distill`, and `diffkit finetune`, which keeps the run's method).
+Adding a family is a subclass of Method next to its algorithm and one entry below.
 """
 from __future__ import annotations
 
 import difflib
 
 from diffkit.codecs.tokenizer import TokenizerMethod
+from diffkit.finetune import Finetune
 from diffkit.flows.tarflow import TarFlowMethod
-from diffkit.method import Method
+from diffkit.method import Derivation, Method
 from diffkit.objectives import DenoisingMethod
 from diffkit.onestep.reflow import ReflowMethod
 from diffkit.onestep.shortcut import ShortcutMethod
@@ -29,6 +30,9 @@ def get(name: str) -> Method:
     return METHODS[name]
 
 
-def commands() -> dict[str, Method]:
-    """The methods with a command that derives a new run from a trained one, by command name."""
-    return {m.command: m for m in METHODS.values() if m.command is not None}
+DERIVATIONS: tuple[Derivation, ...] = (Finetune(),)  # derived runs that keep the trained run's method
+
+
+def commands() -> dict[str, Derivation]:
+    """The commands that derive a new run from a trained one (methods' own, and fine-tuning), by name."""
+    return {d.command: d for d in (*METHODS.values(), *DERIVATIONS) if d.command is not None}

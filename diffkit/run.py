@@ -23,11 +23,11 @@ from tqdm import tqdm
 
 from diffkit import config as configs
 from diffkit import data as datasets
-from diffkit import calibration, generate, interop_jobs, latent, likelihood, registry, report
+from diffkit import adapters, calibration, generate, interop_jobs, latent, likelihood, registry, report
 from diffkit.config import Config
 from diffkit.eval import distortion, metrics
 from diffkit.interop import diffusers as interop
-from diffkit.method import Method, Trained
+from diffkit.method import Derivation, Trained
 from diffkit.train import checkpoint
 from diffkit.train.loop import resume_point, train
 
@@ -91,6 +91,30 @@ def _reference(cfg: Config, x: torch.Tensor, n: int) -> torch.Tensor:
     return latent.decode(cfg, x[:n, 0]) if cfg.data.couples is not None else x[:n]
 
 
+def start_weights(cfg: Config, shape: tuple[int, ...], n_classes: int, x: torch.Tensor,
+                   y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The weights a run with model.init starts from: that run's EMA weights, and with model.adapter the adapters
+    initialised on them (diffkit.adapters; LoRA-GA from the gradient of the run's objective on grad_batches batches)."""
+    ck, a, device = latest_checkpoint(cfg.model.init), cfg.model.adapter, _device()
+    if ck.config.get("num_classes", n_classes) != n_classes:
+        raise ValueError(f"this run's data has {n_classes} classes and {cfg.model.init}'s net was built for "
+                         f"{ck.config['num_classes']}: keep its data.conditional, and labels below its class count")
+    if a.name is None:
+        return ck.ema
+    plain = configs.model(configs.derive(cfg, ["model.adapter.name=null"]), shape, n_classes)
+    plain.load_state_dict(ck.ema)
+    plain, objective = plain.to(device), configs.objective(cfg, n_classes)
+    g, draws = torch.Generator().manual_seed(cfg.train.seed), torch.Generator(device).manual_seed(cfg.train.seed)
+
+    def train_step() -> None:
+        for _ in range(a.grad_batches):
+            idx = torch.randint(len(x), (cfg.train.batch,), generator=g)
+            cond = y[idx].to(device) if y is not None else None
+            objective(plain, x[idx].to(device), cond, generator=draws).mean().backward()
+    adapters.attach(plain.net, a, train_step=train_step)
+    return plain.state_dict()
+
+
 def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
     """Train cfg in run_dir (resuming if it has checkpoints), then write samples (a codec's reconstructions), loss
     curve and report. A latent run (data.tokenizer) trains on the tokenizer's latents of the data."""
@@ -104,8 +128,8 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool = True) -> Path:
     torch.manual_seed(cfg.train.seed)
     shape = configs.sample_shape(cfg, x)
     denoiser = configs.model(cfg, shape, n_classes)
-    if cfg.model.init is not None:  # e.g. reflow fine-tunes the teacher; SiD copies it into generator and fake
-        denoiser.load_state_dict(ema_weights(cfg.model.init))
+    if cfg.model.init is not None:  # e.g. reflow and finetune start from it; SiD copies it into generator and fake
+        denoiser.load_state_dict(start_weights(cfg, shape, n_classes, x, y))
     denoiser = denoiser.to(_device())
     model = configs.trainable(cfg, denoiser)
     objective = configs.objective(cfg, n_classes, teacher=denoiser if cfg.model.init is not None else None)
@@ -159,14 +183,16 @@ def _load(run_dir: Path) -> tuple[Config, torch.nn.Module, tuple[int, ...], int,
 
 
 def sampling(run_dir: Path, grid: str | None, sampler: str | None, steps: int | None, guidance: float | None,
-              label: int | None, data: str | None = None):
+              label: int | None, data: str | None = None, merge: bool = False):
     """(config, model, shape, classes, sampler name, sigmas or None): what sampling a run with `sampler`, `steps`
     and `--grid grid` needs. A named grid replaces the config's; "calibrated" loads the grid `diffkit calibrate`
     stored for the sampler, step count, guidance and label. A diffusers folder is sampled through
-    diffkit.interop_jobs (data: the --data of eval)."""
+    diffkit.interop_jobs (data: the --data of eval). merge: add a fine-tuned run's adapters into its weights."""
     if interop.is_diffusers_folder(run_dir):
         return interop_jobs.sampling(Path(run_dir), grid, sampler, steps, guidance, data=data, device=_device())
     cfg, model, shape, n_classes, step = _load(run_dir)
+    if merge:
+        adapters.merge(model)
     name = generate.sampler_name(cfg, sampler)
     if grid == "calibrated":
         sigmas = calibration.load(run_dir, name, steps or cfg.sample.steps, guidance=guidance, label=label, step=step)
@@ -190,18 +216,19 @@ def calibrate_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: i
 
 def sample_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, seed: int,
                guidance: float | None = None, label: int | None = None, out: Path | None = None,
-               grid: str | None = None, fast: bool = False, progress: bool = True) -> Path:
+               grid: str | None = None, fast: bool = False, merge: bool = False, progress: bool = True) -> Path:
     """Sample a trained run; writes samples.png, samples.safetensors and report.md into `out`.
 
-    grid: a named grid instead of the config's, or "calibrated" (the one `diffkit calibrate` stored)."""
+    grid: a named grid instead of the config's, or "calibrated" (the one `diffkit calibrate` stored). merge: a
+    fine-tuned run's adapters merged into its weights first (the same samples up to float error)."""
     if out is not None and ((Path(out) / "config.yaml").exists() or (Path(out) / "checkpoints").exists()):
         raise ValueError(f"--out {out} is a run folder: its samples.png and report.md would be replaced; leave --out "
                          "out (samples go to a named folder inside the run) or pass a new folder")
-    cfg, model, shape, n_classes, name, sigmas = sampling(run_dir, grid, sampler, steps, guidance, label)
+    cfg, model, shape, n_classes, name, sigmas = sampling(run_dir, grid, sampler, steps, guidance, label, merge=merge)
     x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, sigmas=sigmas, seed=seed,
                              guidance=guidance, label=label, n_classes=n_classes, fast=fast, progress=progress)
     out = Path(out or Path(run_dir) / output_name("samples", cfg, name, grid, nfe, n=n, seed=seed, label=label,
-                                                  guidance=guidance, fast=fast))
+                                                  guidance=guidance, fast=fast, merge=merge))
     out.mkdir(parents=True, exist_ok=True)
     save_file({"samples": x.contiguous()}, out / "samples.safetensors")
     title = f"{name}, {nfe} NFE, seed {seed}" + (f", label {label}" if label is not None else "") + \
@@ -212,13 +239,14 @@ def sample_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int,
 
 
 def output_name(kind: str, cfg: Config, sampler: str, grid: str | None, nfe: int, *, n: int, seed: int,
-                label: int | None = None, guidance: float | None = None, fast: bool = False) -> str:
+                label: int | None = None, guidance: float | None = None, fast: bool = False,
+                merge: bool = False) -> str:
     """The name of a sample or eval output inside a run folder: every setting that changes what it holds, so two
     commands that differ never write to the same place (e.g. samples-dpmpp_2m-calibrated-10nfe-n64-seed0)."""
     own = bool(registry.get(cfg.objective.name).samplers)  # a method's own sampler has no grid
     parts = [kind, sampler, *([] if own else [grid or cfg.sample.grid]), f"{nfe}nfe", f"n{n}", f"seed{seed}",
              *([f"label{label}"] if label is not None else []), *([f"w{guidance:g}"] if guidance is not None else []),
-             *(["fast"] if fast else [])]
+             *(["fast"] if fast else []), *(["merged"] if merge else [])]
     return "-".join(parts)
 
 
@@ -245,7 +273,7 @@ def notes(scores: dict, n: int) -> list[str]:
 
 
 def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, seed: int, grid: str | None = None,
-             fast: bool = False, data: str | None = None, progress: bool = True) -> dict:
+             fast: bool = False, data: str | None = None, merge: bool = False, progress: bool = True) -> dict:
     """Sample n and score them against the held-out split, next to the real-data floor (n training points
     scored the same way); writes eval-... .json (output_name) in the run folder.
 
@@ -258,7 +286,7 @@ def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, s
         raise ValueError("--data is for diffusers folders; a run is scored against its own data")
     if data is None and not registry.get(load_run(run_dir)[0].objective.name).generates:
         return reconstruction_run(run_dir, n=n)
-    cfg, model, shape, n_classes, name, sigmas = sampling(run_dir, grid, sampler, steps, None, None, data)
+    cfg, model, shape, n_classes, name, sigmas = sampling(run_dir, grid, sampler, steps, None, None, data, merge)
     if data is not None:
         interop_jobs.check_data(cfg, shape, run_dir)
     x, nfe = generate.sample(model, cfg, shape, n, sampler=name, steps=steps, sigmas=sigmas, seed=seed, fast=fast,
@@ -268,7 +296,8 @@ def eval_run(run_dir: Path, *, sampler: str | None, steps: int | None, n: int, s
     floor = evaluate(cfg, _reference(cfg, train_x, n))
     result = {"sampler": name, "grid": grid or cfg.sample.grid, "nfe": nfe, "n": n, "seed": seed, "fast": fast,
               **scores, "real_data_floor": floor, "notes": notes(scores, n)}
-    report.atomic_write(Path(run_dir) / (output_name("eval", cfg, name, grid, nfe, n=n, seed=seed, fast=fast) + ".json"),
+    report.atomic_write(Path(run_dir) / (output_name("eval", cfg, name, grid, nfe, n=n, seed=seed, fast=fast,
+                                                     merge=merge) + ".json"),
                         json.dumps(result, indent=2))
     return result
 
@@ -348,9 +377,9 @@ def trained(run_dir: Path) -> Trained:
                    device=_device())
 
 
-def derive_run(method: Method, teacher_dir: Path, out_dir: Path, *, options: dict, overrides: list[str] = (),
+def derive_run(method: Derivation, teacher_dir: Path, out_dir: Path, *, options: dict, overrides: list[str] = (),
                progress: bool = True) -> Path:
-    """A new run of `method` in out_dir made from the trained run teacher_dir (`diffkit reflow`, `diffkit distill`).
+    """A new run in out_dir made from the trained run teacher_dir (`diffkit reflow`, `distill`, `finetune`).
 
     The method checks the teacher and derives the new config (the overrides go on top, all checked) before it
     does any work of its own (ReFlow's couples), then the new run trains and the method measures it against

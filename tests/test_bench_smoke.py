@@ -112,3 +112,17 @@ def test_finetune_benchmark_quick_writes_and_merges_sections(tmp_path):
     assert set(res["moe_fd"]) == {"dense", "none", "aux_loss", "aux_free"} and res["moe_maxvio_none"] >= 0
     md = (tmp_path / "finetune.md").read_text()
     assert "| svd | 8 |" in md and "| aux_free |" in md and (tmp_path / "finetune.png").exists()
+
+
+@pytest.mark.slow
+def test_finetune_benchmark_adapters_section(tmp_path):
+    assert cli.main(["bench", "finetune", "--quick", "--only", "adapters", "--out", str(tmp_path),
+                     "--work", str(tmp_path / "work")]) == 0
+    res = json.loads((tmp_path / "finetune.json").read_text())["sections"]["adapters"]
+    assert [s["method"] for s in res["summary"]] == ["lora", "lora_ga", "pissa", "full"]
+    # every adapter starts where the base model is (its output unchanged at init), on the same held-out loss
+    starts = {s["method"]: s["start_loss"] for s in res["summary"]}
+    assert max(starts.values()) - min(starts.values()) < 1e-4
+    assert {s["trainable_params"] for s in res["summary"][:3]} == {res["summary"][0]["trainable_params"]}
+    assert res["summary"][3]["trainable_params"] == res["summary"][3]["total_params"]
+    assert "loraga_steps_to_target_over_lora" in res and (tmp_path / "finetune.png").exists()

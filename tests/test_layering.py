@@ -8,11 +8,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "diffkit"
 # analytic sits above samplers: its exact flow is the rk45 sampler at a tight tolerance. likelihood sits beside
 # it: it calls denoisers through samplers.base, and only its tests use analytic.
 RANK = {
-    "_tensor": 0, "contracts": 0, "nets": 0, "data": 0, "scaling": 0, "lowrank": 0,
+    "_tensor": 0, "contracts": 0, "nets": 0, "data": 0, "scaling": 0, "lowrank": 0, "adapters": 0,
     "paths": 1,
     "grids": 2, "precond": 2, "method": 2.5,
     "objectives": 3, "samplers": 3,
-    "analytic": 4, "likelihood": 4, "onestep": 4, "codecs": 4, "flows": 4, "interop": 4,
+    "analytic": 4, "likelihood": 4, "onestep": 4, "codecs": 4, "flows": 4, "interop": 4, "finetune": 4,
     "train": 5, "eval": 5, "registry": 5,
     # The jobs the CLI runs, each above what it uses.
     "config": 6, "report": 6, "latent": 6.5, "generate": 7, "calibration": 7.5, "interop_jobs": 7.6, "run": 8,

@@ -232,6 +232,7 @@ class SiDMethod(Method):
     own_args = ("teacher",)
     samplers = ("sid",)
     likelihood = None  # a one-step generator has no probability-flow ODE
+    finetunes = False  # model.init is its teacher
     command = "distill"
     command_help = "distil a trained run into a one-step generator (SiD, or FGM = SiD at alpha 0.5)"
     options = (Option("method", str, "sid", "sid (alpha 1.2) or fgm (alpha 0.5)"),)
