@@ -1,12 +1,14 @@
 """The scaling-law section of `diffkit bench optimizers`: L(N, D) = E + A/N^alpha + B/D^beta over model width and
 training length on digits.
 
-Digits MLP denoisers (depth 2, embedding width = width) at widths 16..512, AdamW lr 1e-3, batch 128, 50 warm-up
+Digits MLP denoisers (depth 2, embedding width = width) at widths 16..512, AdamW lr 3e-3 (the best of the
+optimizer and lr-transfer sweeps from width 64 to 512; 1e-3 left the wide runs lr-limited), batch 128, 50 warm-up
 steps; every (width, steps) point is its own run with the lr decayed to 0 by cosine at its last step (as in
 Hoffmann et al. 2022: the loss of a constant-lr run part-way is not the loss of a run planned for that length),
-scored by the held-out objective (EMA). N is the parameter count, D = steps x batch the samples seen. The fit
-(diffkit.scaling: Huber on log-loss from a grid of starts) uses the runs below the largest width and the longest
-length; the largest ones are held out and predicted.
+scored by the held-out objective (EMA) over 16 fixed noise draws (4 elsewhere; more draws, less evaluation
+noise). N is the parameter count, D = steps x batch the samples seen. The fit (diffkit.scaling: Huber on
+log-loss from a grid of starts) uses the runs below the largest width and the longest length; the largest ones
+are held out and predicted.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from diffkit.report import save_figure, table  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-BATCH = 128
+BATCH, LR, DRAWS = 128, 3e-3, 16
 
 
 def sweep(work: Path, widths, steps) -> list[dict]:
@@ -33,10 +35,10 @@ def sweep(work: Path, widths, steps) -> list[dict]:
     for width in widths:
         for n in steps:
             d = SmallRun(width, 2, [f"model.args={{width: {width}, depth: 2, emb: {width}}}", "train.cosine=true",
-                                    f"train.batch={BATCH}"])
+                                    f"train.batch={BATCH}", f"train.lr={LR}"])
             ema = d.train(n, work / f"scaling-w{width}-s{n}")
             rows.append({"width": width, "N": d.params, "steps": n, "D": n * BATCH,
-                         "loss": d.heldout_loss(ema.model), "seconds": d.seconds})
+                         "loss": d.heldout_loss(ema.model, DRAWS), "seconds": d.seconds})
     return rows
 
 
