@@ -43,6 +43,7 @@ def test_onestep_benchmark_quick_writes_results(tmp_path):
     assert (tmp_path / "onestep.md").exists() and (tmp_path / "onestep-checkerboard.png").exists()
 
 
+@pytest.mark.slow  # about 2 CPU-minutes: 60 tiny runs over two data sets
 def test_optimizers_benchmark_quick_writes_results(tmp_path):
     pytest.importorskip("pytorch_optimizer")
     assert cli.main(["bench", "optimizers", "--quick", "--out", str(tmp_path)]) == 0
