@@ -4,7 +4,7 @@
 A section of `diffkit bench finetune` (benchmarks/finetune.py).
 
 The base is the digits MLP (width 256, depth 4: every weight matrix is a Linear layer) trained on classes 0-4
-with diffkit's loop (digits_runs.Digits: batch 128, constant lr after warm-up, EMA with EDM's ramp-up). Each
+with diffkit's loop (small_runs.SmallRun: batch 128, constant lr after warm-up, EMA with EDM's ramp-up). Each
 fine-tune starts from its EMA weights (run.start_weights: the adapters initialised on them, LoRA-GA from the
 gradient of the objective on 8 batches of 5-9) and trains on classes 5-9 at a constant lr (no warm-up), scored
 by the held-out denoising loss of the EMA weights on the 5-9 test split every `every` steps. The target is
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_runs import Digits  # noqa: E402
+from small_runs import SmallRun  # noqa: E402
 
 from diffkit import report  # noqa: E402
 
@@ -32,9 +32,10 @@ FULL = {"base_steps": 1000, "steps": 250, "every": 10, "fd_n": 500}
 QUICK = {"base_steps": 8, "steps": 4, "every": 2, "fd_n": 32}
 
 
-def _fine_tune(work: Path, base: Path, kind: str, lr: float, n: dict, width: int, depth: int) -> tuple[Digits, list]:
+def _fine_tune(work: Path, base: Path, kind: str, lr: float, n: dict, width: int,
+               depth: int) -> tuple[SmallRun, list]:
     adapter = [] if kind == "full" else [f"model.adapter.name={kind}", f"model.adapter.rank={RANK}"]
-    d = Digits(width, depth, [f"data.classes={NEW}", f"model.init={base}", *adapter, f"train.lr={lr}",
+    d = SmallRun(width, depth, [f"data.classes={NEW}", f"model.init={base}", *adapter, f"train.lr={lr}",
                               "train.warmup=0", "train.cosine=false"])
     start = {"step": 0, "loss": d.heldout_loss(d.model), "seconds": 0.0}
     return d, [start, *d.curve(list(range(n["every"], n["steps"] + 1, n["every"])), work / f"{kind}-{lr:g}")]
@@ -55,7 +56,7 @@ PANELS = 3
 def run(work: Path, quick: bool) -> dict:
     """Train the base, fine-tune it every way, and return the results (the JSON of this benchmark)."""
     n, (width, depth) = (QUICK, (32, 1)) if quick else (FULL, (256, 4))
-    base = Digits(width, depth, [f"data.classes={OLD}", "train.cosine=false"])
+    base = SmallRun(width, depth, [f"data.classes={OLD}", "train.cosine=false"])
     base.train(n["base_steps"], work / "base")
     rows, best, lrs = {}, {}, LRS[:2] if quick else LRS
     for kind in KINDS:
@@ -80,7 +81,7 @@ def run(work: Path, quick: bool) -> dict:
                         "start_loss": b["curve"][0]["loss"], "steps_to_target": hit["step"] if hit else None,
                         "seconds_to_target": hit["seconds"] if hit else None,
                         "trainable_params": sum(p.numel() for p in d.model.parameters() if p.requires_grad),
-                        "total_params": d.params, "digits_fd": d.fd(ema, n["fd_n"])})
+                        "total_params": d.params, "digits_fd": d.quality(ema, n["fd_n"])["digits_fd"]})
     lora = next(s for s in summary if s["method"] == "lora")["steps_to_target"]
     result = {"base": {"classes": OLD, "steps": n["base_steps"], "heldout_loss": base.heldout_loss(base.model),
                        "width": width, "depth": depth},

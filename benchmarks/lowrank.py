@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_runs import Digits  # noqa: E402
+from small_runs import SmallRun  # noqa: E402
 
 from diffkit import lowrank, report  # noqa: E402
 
@@ -35,7 +35,7 @@ def run(work: Path, quick: bool) -> dict:
     """Train (or resume) the model in `work`, compress it at each rank by each method, score; the section's JSON."""
     width, depth, steps, n_fd = (256, 4, 1500, 500) if not quick else (32, 2, 4, 50)
     ranks = RANKS if not quick else (2, 8)
-    d = Digits(width, depth, ["train.cosine=false"])
+    d = SmallRun(width, depth, ["train.cosine=false"])
     model = d.train(steps, work / "lowrank-digits").model
     gen = torch.Generator()
 
@@ -44,7 +44,8 @@ def run(work: Path, quick: bool) -> dict:
         d.objective(m, d.x[:512], None, generator=gen)
 
     def score(m) -> dict:
-        return {"loss": d.heldout_loss(m), "digits_fd": d.fd(SimpleNamespace(model=m), n_fd)}
+        return {"loss": d.heldout_loss(m),
+                "digits_fd": d.quality(SimpleNamespace(model=m), n_fd)["digits_fd"]}
 
     full = sum(p.numel() for p in model.parameters())
     base = {"params": full, **score(model)}

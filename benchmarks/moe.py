@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_runs import Digits  # noqa: E402
+from small_runs import SmallRun  # noqa: E402
 
 from diffkit import report  # noqa: E402
 
@@ -52,10 +52,10 @@ def run(work: Path, quick: bool) -> dict:
     steps, n_fd = (60, 50) if quick else (STEPS, 500)
     runs = {}
     for name, balance in VARIANTS.items():
-        d = Digits(64, 4, _overrides(balance))
+        d = SmallRun(64, 4, _overrides(balance))
         ema = d.train(steps, work / name)
         row = {"params": d.params, "seconds": d.seconds, "heldout_loss": d.heldout_loss(ema.model),
-               "digits_fd": d.fd(ema, n_fd)}
+               "digits_fd": d.quality(ema, n_fd)["digits_fd"]}
         if balance is not None:
             vio = maxvio_per_step(work / name)
             row |= {"maxvio_mean": float(vio.mean()), "maxvio_last_tenth": float(vio[-max(1, steps // 10):].mean()),

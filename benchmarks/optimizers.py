@@ -1,22 +1,27 @@
-"""The training stack on digits: AdamW vs Muon vs Lion vs Tiger at equal steps, clipping, the spectral
-parametrization's coordinate check and learning-rate transfer, and the sign optimizers' embedding drift.
+"""The training stack: AdamW vs Muon vs Lion vs Tiger at equal steps on digits and the checkerboard, clipping,
+the spectral parametrization's coordinate check and learning-rate transfer, the sign optimizers' embedding
+drift, and the scaling-law fit (scaling.py).
 
     diffkit bench optimizers [--quick] [--out DIR] [--work DIR]
 
-1. Optimizers: the digits MLP (width 256, depth 4, batch 128, constant lr after 50 warm-up steps), each
-   optimizer at the best lr of a 3-point sweep (Muon sweeps muon_lr with AdamW's best lr for the rest);
-   held-out loss (EMA) every 50 steps; steps and seconds to reach AdamW's final loss; classifier FD at the end.
-2. Clipping: AdamW at its best lr with grad_clip 1 (the sweep's run), auto and off; the fraction of steps
-   clipped and the pre-clip norm's percentiles from metrics.jsonl.
+1. Optimizers: an MLP (width 256, depth 4, batch 128, constant lr after 50 warm-up steps) on digits (EDM) and
+   on the 2-D checkerboard (configs/checkerboard-fm.yaml: rectified flow), each optimizer at the best lr of a
+   4-point sweep (Muon sweeps muon_lr with AdamW's best lr for the rest); held-out loss (EMA) every 50 steps;
+   steps and seconds to reach AdamW's final loss; at the end the classifier FD (digits) or the energy distance
+   (checkerboard) of 500 samples. A best lr on the edge of its grid is flagged.
+2. Clipping: AdamW at its best lr on digits with grad_clip 1 (the sweep's run), auto and off; the fraction of
+   steps clipped and the pre-clip norm's percentiles from metrics.jsonl.
 3. Coordinate check: activation RMS per layer after 10 steps (and its change from init) at widths 64..1024,
    standard vs spectral, AdamW and Muon.
-4. LR transfer: a 5-point lr sweep (factor 3 apart) at widths 64 and 512, standard vs spectral, AdamW and Muon.
+4. LR transfer: a 5-point lr sweep (factor 3 apart) at widths 64 and 1024, standard vs spectral, AdamW and Muon.
 5. Embedding drift: max |w| of the label table and of the noise embedding's first layer over a conditional run
    at batch 16 (labels often absent from a batch), AdamW vs Lion and Tiger with and without their table on AdamW.
+6. Scaling: L(N, D) fitted on small digits runs, the largest held out (scaling.py).
 
-Writes optimizers.json / .md / .png under --out (default benchmarks/results). JSON keys:
-`muon_steps_to_target_over_adamw`, `lion_...`, `tiger_...`, `lr_transfer_spectral` and `lr_transfer_standard`
-(best lr at the widest width over best lr at the narrowest, per optimizer).
+Writes training_stack.json / .md / .png and training_stack-scaling.png under --out (default
+benchmarks/results). JSON keys: `muon_steps_to_target_over_adamw`, `lion_...`, `tiger_...` (digits; the
+checkerboard's under `checkerboard`), `lr_transfer_spectral` and `lr_transfer_standard` (best lr at the widest
+width over best lr at the narrowest, per optimizer), `scaling_holdout_rel_error`.
 """
 from __future__ import annotations
 
@@ -30,37 +35,49 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_runs import Digits  # noqa: E402
+from small_runs import SmallRun  # noqa: E402
 import optimizers_plots  # noqa: E402
+import scaling  # noqa: E402
 
 from diffkit import report  # noqa: E402
 
-SWEEPS = {"adamw": ("lr", [1e-3, 3e-3, 1e-2]), "muon": ("muon_lr", [0.01, 0.03, 0.1]),
-          "lion": ("lr", [1e-4, 3e-4, 1e-3]), "tiger": ("lr", [1e-4, 3e-4, 1e-3])}
+SWEEPS = {"adamw": ("lr", [3e-4, 1e-3, 3e-3, 1e-2]), "muon": ("muon_lr", [0.003, 0.01, 0.03, 0.1]),
+          "lion": ("lr", [3e-5, 1e-4, 3e-4, 1e-3]), "tiger": ("lr", [3e-5, 1e-4, 3e-4, 1e-3])}
+CHECKERBOARD = Path(__file__).resolve().parents[1] / "configs" / "checkerboard-fm.yaml"
+DATASETS = {"digits": (None, "digits_fd"), "checkerboard": (CHECKERBOARD, "energy_distance")}
 WIDTHS = (64, 128, 256, 512, 1024)
-TRANSFER = (1 / 9, 1 / 3, 1, 3, 9)  # x (lr 1e-3, muon_lr 0.02); spectral lrs are those at fan-in 256
+TRANSFER = (1 / 3, 1, 3, 9, 27)  # x (lr 1e-3, muon_lr 0.02); spectral lrs are those at fan-in 256
 
 
-def compare(work: Path, steps: int, every: int, points: int) -> dict:
+def compare(work: Path, data: str, steps: int, every: int, points: int) -> dict:
+    """Each optimizer at the best lr of its sweep on `data`: steps and seconds to AdamW's final loss, quality."""
+    config, metric = DATASETS[data]
     runs, best = {}, {}
     at = list(range(every, steps + 1, every))
     for kind, (key, values) in SWEEPS.items():
         values = values[:points]
         rest = [f"train.lr={best['adamw']['value']}"] if kind == "muon" else []
         for value in values:
-            d = Digits(256, 4, [f"train.optimizer={kind}", f"train.{key}={value}", "train.cosine=false", *rest])
-            name = f"{kind} {key}={value:g}"
-            runs[name] = rows = d.curve(at, work / f"{kind}-{value}")
+            d = SmallRun(256, 4, [f"train.optimizer={kind}", f"train.{key}={value}", "train.cosine=false", *rest],
+                         config=config)
+            name, folder = f"{kind} {key}={value:g}", work / f"{data}-{kind}-{value}"
+            runs[name] = rows = d.curve(at, folder)
             if kind not in best or rows[-1]["loss"] < best[kind]["rows"][-1]["loss"]:
-                best[kind] = {"value": value, "name": name, "rows": rows, "digits": d, "folder": work / f"{kind}-{value}"}
+                best[kind] = {"value": value, "name": name, "rows": rows, "run": d, "folder": folder,
+                              "inside": values[0] < value < values[-1]}
     target = best["adamw"]["rows"][-1]["loss"]
     summary = []
     for kind, b in best.items():
         hit = next((r for r in b["rows"] if r["loss"] <= target), None)
-        summary.append({"optimizer": kind, "run": b["name"], "final_loss": b["rows"][-1]["loss"],
-                        "steps_to_target": hit["step"] if hit else None, "seconds_to_target": hit["seconds"] if hit else None,
-                        "digits_fd": b["digits"].fd(b["digits"].train(steps, b["folder"]))})
-    return {"target_loss": target, "steps": steps, "summary": summary, "sweep": runs, "best": best}
+        summary.append({"optimizer": kind, "run": b["name"], "lr_inside_grid": b["inside"],
+                        "final_loss": b["rows"][-1]["loss"], "steps_to_target": hit["step"] if hit else None,
+                        "seconds_to_target": hit["seconds"] if hit else None,
+                        metric: b["run"].quality(b["run"].train(steps, b["folder"]))[metric]})
+    adamw = summary[0]["steps_to_target"]
+    ratios = {f"{r['optimizer']}_steps_to_target_over_adamw": r["steps_to_target"] / adamw
+              if r["steps_to_target"] is not None and adamw else None for r in summary[1:]}
+    return {"target_loss": target, "steps": steps, "metric": metric, "grids": {k: v[1][:points] for k, v in SWEEPS.items()},
+            "summary": summary, "sweep": runs, "best": best, **ratios}
 
 
 def clip_rows(work: Path, best: dict, steps: int, every: int) -> list[dict]:
@@ -71,7 +88,7 @@ def clip_rows(work: Path, best: dict, steps: int, every: int) -> list[dict]:
             folder, curve = best["adamw"]["folder"], best["adamw"]["rows"]
         else:
             folder = work / f"clip-{setting}"
-            d = Digits(256, 4, ["train.optimizer=adamw", f"train.lr={lr}", "train.cosine=false",
+            d = SmallRun(256, 4, ["train.optimizer=adamw", f"train.lr={lr}", "train.cosine=false",
                                 f"train.grad_clip={setting}"])
             curve = d.curve(list(range(every, steps + 1, every)), folder)
         logged = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -84,7 +101,7 @@ def clip_rows(work: Path, best: dict, steps: int, every: int) -> list[dict]:
     return rows
 
 
-def _activations(d: Digits) -> list[float]:
+def _activations(d: SmallRun) -> list[float]:
     """RMS of the input layer, each block and the output on a fixed held-out batch at sigma = 1."""
     net, out = d.model.net, []
     hooks = [m.register_forward_hook(lambda m, i, o: out.append(o.detach())) for m in (net.inp, *net.blocks, net.out)]
@@ -101,7 +118,7 @@ def coord_check(work: Path, steps: int, widths: tuple[int, ...]) -> list[dict]:
     for kind in ("adamw", "muon"):
         for param in ("standard", "spectral"):
             for width in widths:
-                d = Digits(width, 2, [f"train.optimizer={kind}", f"train.parametrization={param}", "train.warmup=1",
+                d = SmallRun(width, 2, [f"train.optimizer={kind}", f"train.parametrization={param}", "train.warmup=1",
                                       "train.cosine=false", "train.muon_lr=0.02"])
                 d.train(1, work / f"coord-{kind}-{param}-{width}")
                 before = _activations(d)
@@ -114,15 +131,15 @@ def coord_check(work: Path, steps: int, widths: tuple[int, ...]) -> list[dict]:
 
 
 def lr_transfer(work: Path, steps: int, widths: tuple[int, int], mults: tuple[float, ...]) -> dict:
-    rows, ratios = [], {"standard": {}, "spectral": {}}
+    rows, ratios, edges = [], {"standard": {}, "spectral": {}}, []
     for kind in ("adamw", "muon"):
         for param in ("standard", "spectral"):
             best = {}
             for width in widths:
                 for mult in mults:
-                    d = Digits(width, 2, [f"train.optimizer={kind}", f"train.parametrization={param}",
-                                          f"train.lr={1e-3 * mult}", f"train.muon_lr={0.02 * mult}",
-                                          f"train.warmup={max(1, steps // 10)}"])
+                    d = SmallRun(width, 2, [f"train.optimizer={kind}", f"train.parametrization={param}",
+                                            f"train.lr={1e-3 * mult}", f"train.muon_lr={0.02 * mult}",
+                                            f"train.warmup={max(1, steps // 10)}"])
                     d.train(steps, work / f"lr-{kind}-{param}-{width}-{mult:g}")
                     loss = d.heldout_loss(d.model)
                     rows.append({"optimizer": kind, "parametrization": param, "width": width, "lr_mult": mult,
@@ -130,7 +147,8 @@ def lr_transfer(work: Path, steps: int, widths: tuple[int, int], mults: tuple[fl
                     if width not in best or loss < best[width][1]:
                         best[width] = (mult, loss)
             ratios[param][kind] = best[widths[-1]][0] / best[widths[0]][0]
-    return {"rows": rows, "widths": list(widths), "steps": steps, "best_lr_ratio": ratios}
+            edges += [f"{kind} {param} width {w}" for w in widths if best[w][0] in (mults[0], mults[-1])]
+    return {"rows": rows, "widths": list(widths), "steps": steps, "best_lr_ratio": ratios, "best_on_grid_edge": edges}
 
 
 def embedding_drift(work: Path, steps: int, every: int) -> dict:
@@ -145,7 +163,7 @@ def embedding_drift(work: Path, steps: int, every: int) -> dict:
                        ("lion lr=3e-4, table on AdamW", ["train.optimizer=lion", "train.lr=3e-4"]),
                        ("tiger lr=3e-4", ["train.optimizer=tiger", "train.lr=3e-4", "train.sign_embeddings_adamw=false"]),
                        ("tiger lr=3e-4, table on AdamW", ["train.optimizer=tiger", "train.lr=3e-4"])):
-        d = Digits(64, 2, [*over, "train.batch=16", "train.cosine=false", "train.weight_decay=0.01"], conditional=True)
+        d = SmallRun(64, 2, [*over, "train.batch=16", "train.cosine=false", "train.weight_decay=0.01"], conditional=True)
         start = {"step": 0, **measure(d, None)}
         runs[name] = [start, *d.curve(list(range(every, steps + 1, every)), work / f"embed-{name}", measure)]
     return runs
@@ -163,27 +181,26 @@ def main(argv: list[str] | None = None) -> int:
         n = {"steps": 6, "every": 3, "coord": 2, "transfer": 3, "embed": 4, "embed_every": 2}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        comp = compare(work, n["steps"], n["every"], 2 if args.quick else 3)
+        comp = {data: compare(work, data, n["steps"], n["every"], 2 if args.quick else 4) for data in DATASETS}
         result = {
             "command": "diffkit bench optimizers" + (" --quick" if args.quick else ""), "torch": torch.__version__,
-            "device": f"CPU ({platform.machine()}, 1 thread)", "target_loss": comp["target_loss"],
-            "optimizers": comp["summary"], "sweep": comp["sweep"],
-            "clip": clip_rows(work, comp["best"], n["steps"], n["every"]),
+            "device": f"CPU ({platform.machine()}, 1 thread)",
+            **{data: {k: v for k, v in c.items() if k != "best"} for data, c in comp.items()},
+            "clip": clip_rows(work, comp["digits"]["best"], n["steps"], n["every"]),
             "coord_check": coord_check(work, n["coord"], WIDTHS if not args.quick else (16, 32)),
-            "lr_transfer": lr_transfer(work, n["transfer"], *(((64, 512), TRANSFER) if not args.quick else
-                                                              ((16, 32), TRANSFER[1:4]))),
+            "lr_transfer": lr_transfer(work, n["transfer"], *(((64, 1024), TRANSFER) if not args.quick else
+                                                              ((16, 32), TRANSFER[:3]))),
             "embedding_drift": embedding_drift(work, n["embed"], n["embed_every"]),
+            "scaling": scaling.section(work, args.quick),
         }
-    adamw = next(r for r in result["optimizers"] if r["optimizer"] == "adamw")
-    for r in result["optimizers"]:
-        if r["optimizer"] != "adamw":
-            ok = r["steps_to_target"] is not None and adamw["steps_to_target"]
-            result[f"{r['optimizer']}_steps_to_target_over_adamw"] = r["steps_to_target"] / adamw["steps_to_target"] if ok else None
+    result |= {k: v for k, v in result["digits"].items() if k.endswith("_steps_to_target_over_adamw")}
     result["lr_transfer_spectral"] = result["lr_transfer"]["best_lr_ratio"]["spectral"]
     result["lr_transfer_standard"] = result["lr_transfer"]["best_lr_ratio"]["standard"]
+    result["scaling_holdout_rel_error"] = result["scaling"]["holdout_rel_error"]
     args.out.mkdir(parents=True, exist_ok=True)
-    optimizers_plots.figure(result, args.out / "optimizers.png")
-    report.results(args.out, "optimizers", result, optimizers_plots.markdown(result).split("\n"))
+    optimizers_plots.figure(result, args.out / "training_stack.png")
+    scaling.figure(result["scaling"], args.out / "training_stack-scaling.png")
+    report.results(args.out, "training_stack", result, optimizers_plots.markdown(result).split("\n"))
     return 0
 
 

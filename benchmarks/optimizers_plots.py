@@ -1,4 +1,4 @@
-"""The figure and the Markdown report of benchmarks/optimizers.py."""
+"""The figure and the Markdown report of benchmarks/optimizers.py (training_stack.png / .md)."""
 from __future__ import annotations
 
 import matplotlib
@@ -6,17 +6,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import scaling  # noqa: E402
+
 from diffkit.report import save_figure, table  # noqa: E402
 
 
 def figure(result: dict, path) -> None:
-    fig, ax = plt.subplots(1, 4, figsize=(20, 4.2))
-    for best in result["optimizers"]:
-        rows = result["sweep"][best["run"]]
-        ax[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=best["run"])
-    ax[0].axhline(result["target_loss"], color="gray", ls=":", label="target (AdamW final)")
-    ax[0].set(title="held-out loss (EMA), best lr each", xlabel="step", yscale="log")
-    ax[0].legend(fontsize=7)
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4.2))
+    for a, data in zip(axes[:2], ("digits", "checkerboard")):
+        for best in result[data]["summary"]:
+            rows = result[data]["sweep"][best["run"]]
+            a.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=best["run"])
+        a.axhline(result[data]["target_loss"], color="gray", ls=":", label="target (AdamW final)")
+        a.set(title=f"{data}: held-out loss (EMA), best lr each", xlabel="step", yscale="log")
+        a.legend(fontsize=7)
+    ax = axes[1:]
     for (kind, param), style in {("adamw", "standard"): "r--", ("adamw", "spectral"): "r-",
                                  ("muon", "standard"): "b--", ("muon", "spectral"): "b-"}.items():
         rows = [r for r in result["coord_check"] if (r["optimizer"], r["parametrization"]) == (kind, param)]
@@ -52,6 +56,19 @@ def _coord_table(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _optimizers(result: dict, data: str) -> list[str]:
+    c = result[data]
+    ratios = [f"{k.split('_')[0]} {v:.2f}" if v is not None else f"{k.split('_')[0]} not reached"
+              for k, v in c.items() if k.endswith("_steps_to_target_over_adamw")]
+    edge = [r["run"] for r in c["summary"] if not r["lr_inside_grid"]]
+    grids = "; ".join(f"{k} {', '.join(f'{v:g}' for v in vs)}" for k, vs in c["grids"].items())
+    return [f"Target: AdamW's final held-out loss {c['target_loss']:.4g} after {c['steps']} steps. "
+            f"Grids: {grids} (Muon: muon_lr, with AdamW's best lr for the rest).", "",
+            table(c["summary"], ["optimizer", "run", "final_loss", "steps_to_target", "seconds_to_target", c["metric"]]),
+            "", "Steps to target over AdamW's: " + ", ".join(ratios) + ". " +
+            (f"Best lr on the edge of its grid: {', '.join(edge)}." if edge else "Every best lr is inside its grid."), ""]
+
+
 def markdown(result: dict) -> str:
     t = result["lr_transfer"]
     ratios = [{"parametrization": p, **{f"{k} best-lr ratio (wide/narrow)": v for k, v in r.items()}}
@@ -60,16 +77,13 @@ def markdown(result: dict) -> str:
     drift = [{"run": name, "label max abs w, start": rows[0]["label_max_abs"], "label max abs w, end": rows[-1]["label_max_abs"],
               "noise-embedding max abs w, end": rows[-1]["noise_max_abs"]} for name, rows in result["embedding_drift"].items()]
     lines = [
-        "# Training stack on digits: optimizers, clipping, spectral parametrization", "",
-        f"Command: `{result['command']}` on {result['device']}, torch {result['torch']}. Digits MLP, EDM denoiser; "
+        "# Training stack: optimizers, clipping, spectral parametrization, scaling law", "",
+        f"Command: `{result['command']}` on {result['device']}, torch {result['torch']}. MLP denoisers; "
         "loss = the training objective on the held-out split (4 fixed noise draws), EMA weights.", "",
-        "## Optimizers at equal steps", "",
-        f"Target: AdamW's final held-out loss {result['target_loss']:.4g}.", "",
-        table(result["optimizers"], ["optimizer", "run", "final_loss", "steps_to_target", "seconds_to_target",
-                                     "digits_fd"]), "",
-        "Steps to target over AdamW's: " + ", ".join(
-            f"{k.split('_')[0]} {result[k]:.2f}" if result[k] is not None else f"{k.split('_')[0]} not reached"
-            for k in result if k.endswith("_steps_to_target_over_adamw")) + ".", "",
+        "## Optimizers at equal steps: digits (EDM; classifier FD of 500 samples)", "",
+        *_optimizers(result, "digits"),
+        "## Optimizers at equal steps: checkerboard (rectified flow; energy distance of 500 samples)", "",
+        *_optimizers(result, "checkerboard"),
         "## Clipping (AdamW, best lr)", "",
         table(result["clip"], ["grad_clip", "final_loss", "clipped_fraction", "norm_p50", "norm_p90", "norm_p99",
                                "norm_max", "last_threshold"]), "",
@@ -77,8 +91,10 @@ def markdown(result: dict) -> str:
         table(coord, list(coord[0])), "",
         f"## Learning-rate transfer (widths {t['widths'][0]} and {t['widths'][1]}, {t['steps']} steps, lr x 3 steps)",
         "", table(ratios, list(ratios[0])), "",
+        "Best lr on the edge of the grid: " + (", ".join(t["best_on_grid_edge"]) or "none") + ".", "",
         table(t["rows"], ["optimizer", "parametrization", "width", "lr_mult", "loss"]), "",
         "## Embedding drift under sign optimizers (conditional, batch 16, weight decay 0.01)", "",
         table(drift, ["run", "label max abs w, start", "label max abs w, end", "noise-embedding max abs w, end"]), "",
-        "![optimizers](optimizers.png)", ""]
+        "## Scaling law on digits", "", *scaling.markdown(result["scaling"]), "",
+        "![training stack](training_stack.png)", ""]
     return "\n".join(lines)

@@ -43,23 +43,21 @@ def test_onestep_benchmark_quick_writes_results(tmp_path):
     assert (tmp_path / "onestep.md").exists() and (tmp_path / "onestep-checkerboard.png").exists()
 
 
+@pytest.mark.slow  # about 2 CPU-minutes: 60 tiny runs over two data sets
 def test_optimizers_benchmark_quick_writes_results(tmp_path):
     pytest.importorskip("pytorch_optimizer")
     assert cli.main(["bench", "optimizers", "--quick", "--out", str(tmp_path)]) == 0
-    res = json.loads((tmp_path / "optimizers.json").read_text())
-    assert {r["optimizer"] for r in res["optimizers"]} == {"adamw", "muon", "lion", "tiger"}
+    res = json.loads((tmp_path / "training_stack.json").read_text())
+    for data in ("digits", "checkerboard"):
+        assert [r["optimizer"] for r in res[data]["summary"]] == ["adamw", "muon", "lion", "tiger"]
+    assert {"muon_steps_to_target_over_adamw", "lion_steps_to_target_over_adamw",
+            "tiger_steps_to_target_over_adamw", "scaling_holdout_rel_error"} <= set(res)
     assert set(res["lr_transfer_spectral"]) == set(res["lr_transfer_standard"]) == {"adamw", "muon"}
     assert [r["grad_clip"] for r in res["clip"]] == ["1.0", "auto", ".inf"]
     assert all(0 <= r["clipped_fraction"] <= 1 for r in res["clip"])
-    assert (tmp_path / "optimizers.md").exists() and (tmp_path / "optimizers.png").exists()
-
-
-def test_scaling_benchmark_quick_writes_results(tmp_path):
-    assert cli.main(["bench", "scaling", "--quick", "--out", str(tmp_path)]) == 0
-    res = json.loads((tmp_path / "scaling.json").read_text())
-    assert set(res["scaling_fit"]) == {"E", "A", "B", "alpha", "beta"}
-    assert math.isfinite(res["scaling_holdout_rel_error"]) and sum(r["held_out"] for r in res["rows"]) == 7
-    assert (tmp_path / "scaling.md").exists() and (tmp_path / "scaling.png").exists()
+    assert set(res["scaling"]["fit"]) == {"E", "A", "B", "alpha", "beta"}
+    assert math.isfinite(res["scaling_holdout_rel_error"]) and sum(r["held_out"] for r in res["scaling"]["rows"]) == 7
+    assert all((tmp_path / f).exists() for f in ("training_stack.md", "training_stack.png", "training_stack-scaling.png"))
 
 
 def test_tokenizer_benchmark_quick_writes_results(tmp_path):

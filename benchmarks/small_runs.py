@@ -1,5 +1,6 @@
-"""Small digits runs for the training-stack benchmarks (optimizers.py, scaling.py): an MLP denoiser built from
-a config and trained with diffkit's own loop, scored by its held-out denoising loss.
+"""Small runs for the training-stack benchmark (optimizers.py, scaling.py): an MLP denoiser on digits (the
+default config) or on a 2-D toy (a config file such as configs/checkerboard-fm.yaml), trained with diffkit's own
+loop and scored by its held-out training objective.
 
 `curve` trains segment by segment (the loop resumes each from the last checkpoint). With a constant learning
 rate after warm-up (train.cosine=false) a run stopped and resumed at step k is exactly the run that was never
@@ -24,11 +25,12 @@ BASE = ["train.batch=128", "train.warmup=50", "train.ema_rampup=0.05", "train.lo
         "train.checkpoint_every=1000000", "train.keep=1", "sample.steps=18"]
 
 
-class Digits:
-    """One configured digits MLP run: its config, data, model and objective."""
+class SmallRun:
+    """One configured MLP run (`config`: a YAML file, None = digits): its config, data, model and objective."""
 
-    def __init__(self, width: int, depth: int, overrides: list[str] = (), *, conditional: bool = False):
-        self.cfg = configs.load(None, [*BASE, f"model.args={{width: {width}, depth: {depth}}}",
+    def __init__(self, width: int, depth: int, overrides: list[str] = (), *, conditional: bool = False,
+                 config: Path | None = None):
+        self.cfg = configs.load(config, [*BASE, f"model.args={{width: {width}, depth: {depth}}}",
                                        f"data.conditional={str(conditional).lower()}", *overrides])
         self.x, self.y = configs.dataset(self.cfg, "train")
         self.x_test, self.y_test = configs.dataset(self.cfg, "test")
@@ -71,8 +73,9 @@ class Digits:
             rows.append(row | (measure(self, ema) if measure else {}))
         return rows
 
-    def fd(self, ema, n: int = 500) -> float:
-        """Classifier Fréchet distance of n EMA samples (the config's sampler and grid) to the held-out split."""
+    def quality(self, ema, n: int = 500) -> dict:
+        """run.evaluate's distances of n EMA samples (the config's sampler and grid) to the held-out split:
+        classifier FD / KID on digits, sliced W / energy distance / MMD on a 2-D toy."""
         samples, _ = generate.sample(ema.model, self.cfg, tuple(self.x.shape[1:]), n, n_classes=self.classes,
                                      progress=False)
-        return run.evaluate(self.cfg, samples)["digits_fd"]
+        return run.evaluate(self.cfg, samples)
