@@ -1,0 +1,160 @@
+"""Training on several processes (torchrun): DDP, or FSDP2 (`train.parallel`), behind one small interface.
+
+- "ddp": every process holds the whole net, optimizer state and EMA; DistributedDataParallel all-reduces the
+  gradients on the last micro-batch of a step.
+- "fsdp": FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023) shards the parameters, gradients and
+  optimizer state over the processes: each block (every module held in an nn.ModuleList of the net: DiT and MLP
+  blocks, the UNet's res / attention / resampling blocks) is one unit gathered just before its forward and
+  backward, and the net itself holds what is left. The EMA copy is sharded the same way, so its update is a
+  local lerp of shards and an objective that reads the EMA (shortcut models) calls it as the net is called.
+
+Checkpoints stay one format whatever wrote them: the sharded states are gathered into full tensors
+(`DTensor.full_tensor`, one tensor at a time, kept on rank 0) and saved as a single process saves them, and a
+checkpoint is loaded into full weights before sharding and into the optimizers by cutting each full state
+tensor into the shard of its parameter (`distribute_tensor`). So a run moves between one process, DDP and FSDP
+at any checkpoint. The gradient clip's global norm over sharded gradients is all-reduced (train.clip).
+Optimizers step the shards as DTensors, whose operations are those of the whole tensor: torch's Muon
+orthogonalises the whole matrix (one step on a 2-process shard equals one process's to bf16 rounding, as its
+Newton-Schulz iteration runs in bf16; tested).
+
+Under FSDP the loop builds the optimizers after sharding (their parameters are the shards), and at the end of
+training the net and EMA are gathered back into plain modules on every process, for sampling and export.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+PARALLEL = ("ddp", "fsdp")
+
+
+def check(parallel: str) -> None:
+    """A ValueError for an unknown train.parallel."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"unknown train.parallel {parallel!r}; choose one of: {', '.join(PARALLEL)}")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _blocks(net: nn.Module) -> list[nn.Module]:
+    """The modules of a net's nn.ModuleLists that are called (a ModuleList itself never is), deepest first: FSDP
+    shards a module's own blocks before the module."""
+    found = [m for lst in net.modules() if isinstance(lst, nn.ModuleList) for m in lst
+             if not isinstance(m, nn.ModuleList)]
+    return found[::-1]
+
+
+def _plain_copy(net: nn.Module) -> nn.Module:
+    """A copy of `net` whose parameters are on the meta device (no memory); buffers are copied as they are."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in net.parameters()}
+    return copy.deepcopy(net, memo)
+
+
+def _full(value, keep: bool):
+    """A DTensor gathered into a full tensor (kept only where `keep`); anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(value, DTensor):
+        return value
+    full = value.full_tensor()
+    return full if keep else None
+
+
+class Parallel:
+    """How the loop's model is spread over the processes: none (one process), "ddp" or "fsdp"."""
+
+    def __init__(self, kind: str, *, phases: int, monitor: bool):
+        check(kind)
+        self.rank, self.world = world()
+        self.kind = kind if self.world > 1 else None
+        self.phases = phases
+        self._plain: tuple[nn.Module, nn.Module] | None = None
+        # Refused in one process too, so a config fails where it is tried, not first under torchrun.
+        if kind == "fsdp" and phases > 1:
+            raise ValueError("train.parallel=fsdp trains objectives of one phase; this one alternates "
+                             f"{phases} phases (SiD): use train.parallel=ddp")
+        if kind == "fsdp" and monitor:
+            raise ValueError("train.parallel=fsdp does not run a method's held-out monitor (tokenizers): "
+                             "use train.parallel=ddp")
+
+    @property
+    def sharded(self) -> bool:
+        return self.kind == "fsdp"
+
+    def shard(self, model: nn.Module, ema_model: nn.Module) -> None:
+        """FSDP: shard model.net and ema_model.net in place, block by block (before the optimizers are built)."""
+        if not self.sharded:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        self._plain = (_plain_copy(model.net), _plain_copy(ema_model.net))
+        for net in (model.net, ema_model.net):
+            for block in _blocks(net):
+                fully_shard(block)
+            fully_shard(net)
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        """DDP: the net in DistributedDataParallel; otherwise the net itself."""
+        if self.kind != "ddp":
+            return net
+        return nn.parallel.DistributedDataParallel(net, find_unused_parameters=self.phases > 1)
+
+    def sync(self, net: nn.Module, last: bool):
+        """A context for one micro-batch's backward: gradients are reduced across processes on the last only."""
+        if self.kind == "ddp" and not last:
+            return net.no_sync()
+        if self.sharded:
+            net.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def mean(self, value: Tensor) -> Tensor:
+        """The mean over processes of a per-process value (in place)."""
+        if self.world > 1:
+            dist.all_reduce(value)
+            value /= self.world
+        return value
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def state_dict(self, state: dict[str, Tensor], everywhere: bool = False) -> dict[str, Tensor]:
+        """A module's state dict with every shard gathered into its full tensor: on rank 0 (on every rank with
+        `everywhere`; elsewhere the gathered tensors are dropped). Collective under FSDP: call it on every rank."""
+        keep = everywhere or self.rank == 0
+        return {k: _full(v, keep) for k, v in state.items()}
+
+    def optimizer_state(self, opt: torch.optim.Optimizer) -> dict:
+        """opt.state_dict() with full tensors, as one process writes it (collective under FSDP)."""
+        state = opt.state_dict()
+        keep = self.rank == 0
+        state["state"] = {pid: {k: _full(v, keep) for k, v in entries.items()} for pid, entries in state["state"].items()}
+        return state
+
+    def load_optimizer(self, opt: torch.optim.Optimizer, state: dict) -> None:
+        """Load a full optimizer state (any checkpoint) into `opt`, cutting each tensor to its parameter's shard."""
+        if self.sharded:
+            from torch.distributed.tensor import DTensor, distribute_tensor
+
+            params = [p for group in opt.param_groups for p in group["params"]]
+            state = {**state, "state": {pid: {k: distribute_tensor(v, params[pid].device_mesh, params[pid].placements)
+                                              if isinstance(params[pid], DTensor) and isinstance(v, Tensor)
+                                              and v.shape == params[pid].shape else v
+                                              for k, v in entries.items()}
+                                        for pid, entries in state["state"].items()}}
+        opt.load_state_dict(state)
+
+    def unshard(self, model: nn.Module, ema_model: nn.Module) -> None:
+        """FSDP: replace the sharded nets of model and ema_model by plain ones holding the full weights."""
+        if not self.sharded:
+            return
+        for holder, plain in zip((model, ema_model), self._plain):
+            plain.load_state_dict(self.state_dict(holder.net.state_dict(), everywhere=True), assign=True)
+            holder.net = plain
