@@ -25,7 +25,7 @@ from diffkit.nets.diffusers_unet import MissingDiffusers  # noqa: E402
 BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py", "onestep": "onestep.py",
               "throughput": "throughput.py", "likelihood": "likelihood.py", "bad_input": "bad_input.py",
               "tokenizers": "tokenizers.py", "codec": "codec.py", "optimizers": "optimizers.py",
-              "scaling": "scaling.py", "interop": "interop.py"}
+              "scaling": "scaling.py", "interop": "interop.py", "memory": "memory.py"}
 
 
 def _benchmarks_dir() -> Path | None:

@@ -97,3 +97,14 @@ def test_interop_benchmark_quick_writes_results(tmp_path):
     assert {r["sampler"] for r in res["rows"]} >= {"DPM++ 2M", "dpmpp_2m (calibrated grid)"}
     assert all(math.isfinite(r["digits_fd"]) for r in res["rows"])
     assert [b["nfe"] for b in res["best_by_nfe"]] == [4] and (tmp_path / "interop.md").exists()
+
+
+@pytest.mark.slow
+def test_memory_benchmark_quick_writes_results(tmp_path):
+    assert cli.main(["bench", "memory", "--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "memory.json").read_text())
+    assert [(r["net"], r["grad_checkpoint"]) for r in res["rows"]] == [("dit", False), ("dit", True),
+                                                                       ("unet", False), ("unet", True)]
+    for r in res["rows"][1::2]:  # checkpointing keeps fewer activations, by both measures
+        assert r["activations_vs_plain"] < 0.8 and r["rss_vs_plain"] < 0.8
+    assert (tmp_path / "memory.md").exists()

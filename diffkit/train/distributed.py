@@ -28,6 +28,8 @@ import copy
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 PARALLEL = ("ddp", "fsdp")
 
@@ -36,11 +38,6 @@ def check(parallel: str) -> None:
     """A ValueError for an unknown train.parallel."""
     if parallel not in PARALLEL:
         raise ValueError(f"unknown train.parallel {parallel!r}; choose one of: {', '.join(PARALLEL)}")
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without a process group."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def _blocks(net: nn.Module) -> list[nn.Module]:
@@ -59,12 +56,18 @@ def _plain_copy(net: nn.Module) -> nn.Module:
 
 def _full(value, keep: bool):
     """A DTensor gathered into a full tensor (kept only where `keep`); anything else as it is."""
-    from torch.distributed.tensor import DTensor
-
     if not isinstance(value, DTensor):
         return value
     full = value.full_tensor()
     return full if keep else None
+
+
+def _shard_like(value, param: Tensor):
+    """An optimizer state tensor of a sharded parameter's full shape cut to that parameter's shard; anything
+    else (a step count, the state of an unsharded parameter) as it is."""
+    if isinstance(param, DTensor) and isinstance(value, Tensor) and value.shape == param.shape:
+        return distribute_tensor(value, param.device_mesh, param.placements)
+    return value
 
 
 class Parallel:
@@ -72,7 +75,7 @@ class Parallel:
 
     def __init__(self, kind: str, *, phases: int, monitor: bool):
         check(kind)
-        self.rank, self.world = world()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.kind = kind if self.world > 1 else None
         self.phases = phases
         self._plain: tuple[nn.Module, nn.Module] | None = None
@@ -84,6 +87,13 @@ class Parallel:
             raise ValueError("train.parallel=fsdp does not run a method's held-out monitor (tokenizers): "
                              "use train.parallel=ddp")
 
+    def split(self, batch: int, micro: int | None) -> tuple[int, int]:
+        """(micro-batch, micro-batches per process) of a global batch; micro None: batch / world size."""
+        micro = micro or batch // self.world
+        if batch % (self.world * micro):
+            raise ValueError(f"batch {batch} must be a multiple of world size {self.world} x micro_batch {micro}")
+        return micro, batch // (self.world * micro)
+
     @property
     def sharded(self) -> bool:
         return self.kind == "fsdp"
@@ -92,8 +102,6 @@ class Parallel:
         """FSDP: shard model.net and ema_model.net in place, block by block (before the optimizers are built)."""
         if not self.sharded:
             return
-        from torch.distributed.fsdp import fully_shard
-
         self._plain = (_plain_copy(model.net), _plain_copy(ema_model.net))
         for net in (model.net, ema_model.net):
             for block in _blocks(net):
@@ -107,7 +115,8 @@ class Parallel:
         return nn.parallel.DistributedDataParallel(net, find_unused_parameters=self.phases > 1)
 
     def sync(self, net: nn.Module, last: bool):
-        """A context for one micro-batch's backward: gradients are reduced across processes on the last only."""
+        """A context for one micro-batch's forward and backward: gradients are reduced across the processes on
+        the last micro-batch of a step only (FSDP keeps the earlier ones unsharded until then)."""
         if self.kind == "ddp" and not last:
             return net.no_sync()
         if self.sharded:
@@ -140,16 +149,10 @@ class Parallel:
 
     def load_optimizer(self, opt: torch.optim.Optimizer, state: dict) -> None:
         """Load a full optimizer state (any checkpoint) into `opt`, cutting each tensor to its parameter's shard."""
-        if self.sharded:
-            from torch.distributed.tensor import DTensor, distribute_tensor
-
-            params = [p for group in opt.param_groups for p in group["params"]]
-            state = {**state, "state": {pid: {k: distribute_tensor(v, params[pid].device_mesh, params[pid].placements)
-                                              if isinstance(params[pid], DTensor) and isinstance(v, Tensor)
-                                              and v.shape == params[pid].shape else v
-                                              for k, v in entries.items()}
-                                        for pid, entries in state["state"].items()}}
-        opt.load_state_dict(state)
+        params = [p for group in opt.param_groups for p in group["params"]]
+        shards = {pid: {k: _shard_like(v, params[pid]) for k, v in entries.items()}
+                  for pid, entries in state["state"].items()}
+        opt.load_state_dict({**state, "state": shards})
 
     def unshard(self, model: nn.Module, ema_model: nn.Module) -> None:
         """FSDP: replace the sharded nets of model and ema_model by plain ones holding the full weights."""

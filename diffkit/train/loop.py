@@ -193,11 +193,8 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
     # optimizers skip parameters a phase leaves without gradient.
     phases = getattr(objective, "phases", (None,))
     par = Parallel(settings.parallel, phases=len(phases), monitor=monitor is not None)
-    rank, world = par.rank, par.world
-    micro = settings.micro_batch or settings.batch // world
-    if settings.batch % (world * micro):
-        raise ValueError(f"batch {settings.batch} must be a multiple of world size {world} x micro_batch {micro}")
-    accum = settings.batch // (world * micro)
+    rank = par.rank
+    micro, accum = par.split(settings.batch, settings.micro_batch)
     device = next(model.parameters()).device
     use_bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
 
@@ -252,7 +249,7 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
                disable=not progress or rank != 0)
     consecutive, t0 = 0, time.perf_counter()
     # Under DDP every rank would have to agree on the step to stop at: Ctrl-C stops it as before.
-    with _stop_between_steps(world == 1) as stop, bar, log or contextlib.nullcontext():
+    with _stop_between_steps(par.world == 1) as stop, bar, log or contextlib.nullcontext():
         for step in bar:
             factor = optim.lr_factor(step, warmup=settings.warmup, total=settings.steps, cosine=settings.cosine)
             for opt in opts:
