@@ -3,15 +3,15 @@ for DiT-S/2 and the DDPM UNet on 32x32x3 images, batch 8, on the CPU.
 
     diffkit bench memory [--quick] [--out DIR]
 
-Each (net, setting) runs in a fresh process that builds the net and a batch, then takes three forward + backward
-passes of the squared output:
-1. the peak resident memory over the pass (the process's ru_maxrss) minus the resident memory before it: what
-   the operating system gave the step (activations, gradients, and the first pass's one-time allocations);
-2. seconds per pass (checkpointing recomputes each block's forward in the backward pass);
-3. the peak of the bytes held by torch's CPU allocator, summed from the profiler's memory events (every
-   allocation and free, in order), as torch.cuda.max_memory_allocated counts on a GPU. The step starts with no
-   gradients and ends holding them, so this peak minus the gradients' size is the activations' peak.
-On CUDA the same is reported from torch.cuda.max_memory_allocated as well.
+Each (net, setting) runs in a fresh process that builds the net and a batch, takes one forward + backward pass
+of the squared output to get one-time allocations (kernels, caches) out of the way, then measures two more:
+1. seconds per pass (checkpointing recomputes each block's forward in the backward pass), and the peak resident
+   memory over that pass minus the resident memory before it: what the operating system gave the step. glibc
+   is told to return freed memory at once (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) and the kernel's
+   peak (VmHWM) is reset before the pass (/proc/self/clear_refs), so it is this pass's peak alone (Linux).
+2. the peak of the bytes held by torch's CPU allocator, summed in order from the profiler's memory events
+   (every allocation and free), the CPU's counterpart of torch.cuda.max_memory_allocated (used on CUDA). The
+   pass starts with no gradients and ends holding them, so this peak minus their size is the activations' peak.
 
 Writes memory.json / memory.md under --out (default benchmarks/results).
 """
@@ -88,15 +88,17 @@ def measure(name: str, checkpointed: bool, quick: bool) -> dict:
     step()
     out = {"seconds_per_step": time.perf_counter() - t0, "peak_rss_delta_mb": (_peak_rss() - before) / MB}
     net.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in net.parameters())
-    out |= {"allocator_peak_mb": _allocator_peak(prof) / MB, "gradients_mb": grads / MB,
-            "parameters": sum(p.numel() for p in net.parameters())}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         step()
-        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / MB
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        peak = _allocator_peak(prof)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in net.parameters())
+    out |= {"allocator_peak_mb": peak / MB, "gradients_mb": grads / MB,
+            "parameters": sum(p.numel() for p in net.parameters())}
     return out
 
 
@@ -132,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                "activations_vs_plain", "peak_rss_delta_mb", "rss_vs_plain", "seconds_per_step", "time_vs_plain"]
     lines = ["# Gradient checkpointing: peak memory of one training step", "",
              f"`{result['command']}` on {result['device']}, torch {result['torch']}, batch 8 of 3x32x32. "
-             "Peaks in MiB: torch's CPU allocator (profiler memory events), and the process's resident memory "
-             "over the first step. Activations = allocator peak - gradients.", "",
+             "Peaks in MiB of one step after a warm-up step: torch's CPU allocator (profiler memory events; "
+             "CUDA: max_memory_allocated), activations = that peak - gradients, and the resident set's growth "
+             "(peak - start). Ratios: grad_checkpoint over plain.", "",
              report.table(rows, columns)]
     args.out.mkdir(parents=True, exist_ok=True)
     report.results(args.out, "memory", result, lines)
