@@ -3,9 +3,9 @@
 - "ddp": every process holds the whole net, optimizer state and EMA; DistributedDataParallel all-reduces the
   gradients on the last micro-batch of a step.
 - "fsdp": FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023) shards the parameters, gradients and
-  optimizer state over the processes: each block (every module held in an nn.ModuleList of the net: DiT and MLP
-  blocks, the UNet's res / attention / resampling blocks) is one unit gathered just before its forward and
-  backward, and the net itself holds what is left. The EMA copy is sharded the same way, so its update is a
+  optimizer state over the processes: each block (the outermost modules held in the net's nn.ModuleLists: DiT
+  and MLP blocks, the UNet's res / attention / resampling blocks) is one unit gathered just before its forward
+  and backward, and the net itself holds what is left. The EMA copy is sharded the same way, so its update is a
   local lerp of shards and an objective that reads the EMA (shortcut models) calls it as the net is called.
 
 Checkpoints stay one format whatever wrote them: the sharded states are gathered into full tensors
@@ -40,12 +40,19 @@ def check(parallel: str) -> None:
         raise ValueError(f"unknown train.parallel {parallel!r}; choose one of: {', '.join(PARALLEL)}")
 
 
-def _blocks(net: nn.Module) -> list[nn.Module]:
-    """The modules of a net's nn.ModuleLists that are called (a ModuleList itself never is), deepest first: FSDP
-    shards a module's own blocks before the module."""
-    found = [m for lst in net.modules() if isinstance(lst, nn.ModuleList) for m in lst
-             if not isinstance(m, nn.ModuleList)]
-    return found[::-1]
+def _blocks(module: nn.Module, in_list: bool = False) -> list[nn.Module]:
+    """The outermost modules held in nn.ModuleLists below `module` (a list of lists counts as one list): the
+    blocks FSDP gathers one at a time. Nothing inside a block is a unit of its own, so a block whose forward
+    skips a part (an expert no token was routed to) still makes the same collectives on every rank."""
+    found = []
+    for child in module.children():
+        if isinstance(child, nn.ModuleList):
+            found += _blocks(child, in_list=True)
+        elif in_list:
+            found.append(child)
+        else:
+            found += _blocks(child)
+    return found
 
 
 def _plain_copy(net: nn.Module) -> nn.Module:
