@@ -86,6 +86,7 @@ class Parallel:
         self.kind = kind if self.world > 1 else None
         self.phases = phases
         self._plain: tuple[nn.Module, nn.Module] | None = None
+        self._net: nn.Module | None = None  # the DDP wrapper, or the sharded net under any wrapper (compile)
         # Refused in one process too, so a config fails where it is tried, not first under torchrun.
         if kind == "fsdp" and phases > 1:
             raise ValueError("train.parallel=fsdp trains objectives of one phase; this one alternates "
@@ -110,6 +111,7 @@ class Parallel:
         if not self.sharded:
             return
         self._plain = (_plain_copy(model.net), _plain_copy(ema_model.net))
+        self._net = model.net
         for net in (model.net, ema_model.net):
             for block in _blocks(net):
                 fully_shard(block)
@@ -117,17 +119,18 @@ class Parallel:
 
     def wrap(self, net: nn.Module) -> nn.Module:
         """DDP: the net in DistributedDataParallel; otherwise the net itself."""
-        if self.kind != "ddp":
-            return net
-        return nn.parallel.DistributedDataParallel(net, find_unused_parameters=self.phases > 1)
+        if self.kind == "ddp":
+            self._net = nn.parallel.DistributedDataParallel(net, find_unused_parameters=self.phases > 1)
+            return self._net
+        return net
 
-    def sync(self, net: nn.Module, last: bool):
+    def sync(self, last: bool):
         """A context for one micro-batch's forward and backward: gradients are reduced across the processes on
         the last micro-batch of a step only (FSDP keeps the earlier ones unsharded until then)."""
         if self.kind == "ddp" and not last:
-            return net.no_sync()
+            return self._net.no_sync()
         if self.sharded:
-            net.set_requires_gradient_sync(last)
+            self._net.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
     def mean(self, value: Tensor) -> Tensor:

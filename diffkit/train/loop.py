@@ -267,7 +267,7 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
                     torch.manual_seed(_seed(settings.seed, 2, *draws))  # dropout and any other global draws
                     gen = torch.Generator(device).manual_seed(_seed(settings.seed, 3, *draws))
                     cond = _to(labels[chunk], device) if labels is not None else None
-                    with par.sync(model.net, last=k == accum - 1):
+                    with par.sync(last=k == accum - 1):
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                             loss = objective(model, _to(x[chunk], device), cond, generator=gen, **ema_arg, **phase_arg)
                             loss = loss.mean() / accum
