@@ -34,12 +34,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 PARALLEL = ("ddp", "fsdp")
 
 
-def check(parallel: str) -> None:
-    """A ValueError for an unknown train.parallel."""
-    if parallel not in PARALLEL:
-        raise ValueError(f"unknown train.parallel {parallel!r}; choose one of: {', '.join(PARALLEL)}")
-
-
 def _blocks(module: nn.Module, in_list: bool = False) -> list[nn.Module]:
     """The outermost modules held in nn.ModuleLists below `module` (a list of lists counts as one list): the
     blocks FSDP gathers one at a time. Nothing inside a block is a unit of its own, so a block whose forward
@@ -81,12 +75,13 @@ class Parallel:
     """How the loop's model is spread over the processes: none (one process), "ddp" or "fsdp"."""
 
     def __init__(self, kind: str, *, phases: int, monitor: bool):
-        check(kind)
+        if kind not in PARALLEL:
+            raise ValueError(f"unknown train.parallel {kind!r}; choose one of: {', '.join(PARALLEL)}")
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.kind = kind if self.world > 1 else None
         self.phases = phases
         self._plain: tuple[nn.Module, nn.Module] | None = None
-        self._net: nn.Module | None = None  # the DDP wrapper, or the sharded net under any wrapper (compile)
+        self._net: nn.Module | None = None  # the DDP wrapper, or the sharded net itself (not its compile wrapper)
         # Refused in one process too, so a config fails where it is tried, not first under torchrun.
         if kind == "fsdp" and phases > 1:
             raise ValueError("train.parallel=fsdp trains objectives of one phase; this one alternates "
