@@ -26,7 +26,8 @@ from diffkit.nets.diffusers_unet import MissingDiffusers  # noqa: E402
 BENCHMARKS = {"samplers": "sampler_accuracy.py", "digits": "digits_quality.py", "onestep": "onestep.py",
               "throughput": "throughput.py", "likelihood": "likelihood.py", "bad_input": "bad_input.py",
               "tokenizers": "vq_tokenizers.py", "codec": "codec.py", "optimizers": "optimizers.py",
-              "interop": "interop.py", "finetune": "finetune.py"}
+              "interop": "interop.py", "finetune": "finetune.py",
+              "memory": "memory.py"}
 
 
 def _benchmarks_dir() -> Path | None:

@@ -23,7 +23,7 @@ from diffkit import adapters, grids, paths, registry, samplers
 from diffkit.adapters import AdapterSettings
 from diffkit.onestep import reflow
 from diffkit.precond import PREDICTIONS, Precond
-from diffkit.train import clip, optim, spectral
+from diffkit.train import clip, distributed, optim, spectral
 from diffkit.train.loop import TrainSettings
 
 
@@ -187,6 +187,7 @@ def validate(cfg: Config) -> Config:
     optim.check_installed(t.optimizer)
     _choice(t.muon_adjust_lr, optim.MUON_ADJUST, "train.muon_adjust_lr")
     _choice(t.parametrization, spectral.PARAMETRIZATIONS, "train.parametrization")
+    _choice(t.parallel, distributed.PARALLEL, "train.parallel")
     clip.check(t.grad_clip)
     if t.parametrization == "spectral" and m.init is not None:
         raise ValueError("train.parametrization=spectral draws the initial weights itself; it cannot start from "

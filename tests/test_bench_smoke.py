@@ -124,3 +124,14 @@ def test_finetune_benchmark_adapters_section(tmp_path):
     assert {s["trainable_params"] for s in res["summary"][:3]} == {res["summary"][0]["trainable_params"]}
     assert res["summary"][3]["trainable_params"] == res["summary"][3]["total_params"]
     assert "loraga_steps_to_target_over_lora" in res and (tmp_path / "finetune.png").exists()
+
+
+@pytest.mark.slow
+def test_memory_benchmark_quick_writes_results(tmp_path):
+    assert cli.main(["bench", "memory", "--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "memory.json").read_text())
+    assert [(r["net"], r["grad_checkpoint"]) for r in res["rows"]] == [("dit", False), ("dit", True),
+                                                                       ("unet", False), ("unet", True)]
+    for r in res["rows"][1::2]:  # checkpointing keeps fewer activations, by both measures
+        assert r["activations_vs_plain"] < 0.8 and r["rss_vs_plain"] < 0.8
+    assert (tmp_path / "memory.md").exists()

@@ -88,6 +88,7 @@ BAD = [  # (overrides, what the message must say): each refused when the config 
     (["data.name=folder"], "needs data.source"),
     (["model.path=vp"], "unknown model.path 'vp'"),
     (["train.cosine=1"], "train.cosine must be true or false"),
+    (["train.parallel=fsdp2"], "unknown train.parallel 'fsdp2'; did you mean 'fsdp'"),
 ]
 
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from diffkit.nets.embed import Conditioning
 from diffkit.nets.moe import MoE, mlp
+from diffkit.nets.recompute import run_block
 
 
 def sincos_2d(grid: int, dim: int) -> Tensor:
@@ -73,13 +74,15 @@ class DiT(nn.Module):
     forward require `extra`, (B, extra_scalars) floats embedded beside c_noise (e.g. a shortcut model's d).
     DiT-S/2 is the default (width 384, depth 12, 6 heads). moe, a dict of nets.moe.MoE's arguments (e.g.
     {experts: 8, top_k: 2, balance: aux_free}), puts a mixture-of-experts MLP in every block.
+    grad_checkpoint recomputes each block's activations in the backward pass instead of storing them
+    (nets.recompute).
     """
 
     muon_exclude = ("patch", "cond", "final")  # patch embedding, conditioning embeddings, output layer
 
     def __init__(self, image_size: int, in_channels: int, patch_size: int = 2, width: int = 384, depth: int = 12,
                  heads: int = 6, mlp_ratio: float = 4, num_classes: int = 0, extra_scalars: int = 0,
-                 dropout: float = 0.0, moe: dict | None = None):
+                 dropout: float = 0.0, moe: dict | None = None, grad_checkpoint: bool = False):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} must be divisible by patch_size {patch_size}: "
@@ -90,6 +93,7 @@ class DiT(nn.Module):
         if moe is not None and set(moe) - known:
             raise ValueError(f"unknown model.args.moe keys {sorted(set(moe) - known)}; expected some of {sorted(known)}")
         self.image_size, self.in_channels, self.patch_size = image_size, in_channels, patch_size
+        self.grad_checkpoint = grad_checkpoint
         self.patch = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
         self.register_buffer("pos", sincos_2d(image_size // patch_size, width), persistent=False)
         self.cond = Conditioning(width, features=256, num_classes=num_classes, extra_scalars=extra_scalars)
@@ -124,7 +128,7 @@ class DiT(nn.Module):
         e = F.silu(self.cond(c_noise, cond, extra, b))
         h = self.patch(x).flatten(2).transpose(1, 2) + self.pos.to(x.dtype)  # (B, g*g, width)
         for block in self.blocks:
-            h = block(h, e)
+            h = run_block(block, self.grad_checkpoint, h, e)
         shift, scale = self.final_ada(e).chunk(2, dim=1)
         h = self.final(_modulate(self.final_norm(h), shift, scale))  # (B, g*g, p*p*C)
         # Unpatchify: token (i, j) holds the p x p x C pixels of patch (i, j).

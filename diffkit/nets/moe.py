@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from diffkit.nets.recompute import recomputing
+
 SCORES = ("sigmoid", "softmax")
 BALANCE = ("none", "aux_loss", "aux_free")
 
@@ -96,13 +98,17 @@ class MoE(nn.Module):
         for expert in self.shared:
             out = out + expert(u)
         if self.training and torch.is_grad_enabled():
-            counts = counts.to(self.load)
-            self.load += counts
+            # Under grad_checkpoint the backward pass runs this forward again: it must save the same tensors
+            # (so the aux loss is computed again) but count and hand over nothing a second time.
+            again = recomputing()
+            if not again:
+                self.load += counts.to(self.load)
             if self.balance == "aux_loss":
                 f = counts / chosen.numel()
                 p = (s / s.sum(-1, keepdim=True)).mean(0)
                 aux = self.aux_weight * len(self.experts) * (f * p).sum()
-                self._aux = aux if self._aux is None else self._aux + aux
+                if not again:
+                    self._aux = aux if self._aux is None else self._aux + aux
         return out.reshape(x.shape)
 
     def aux_loss(self) -> Tensor | None:

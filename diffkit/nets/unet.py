@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffkit.nets.embed import Conditioning
+from diffkit.nets.recompute import run_block
 
 SKIP_SCALE = 1 / math.sqrt(2)  # DDPM++: keeps the variance of residual sums constant
 
@@ -89,7 +90,8 @@ class UNet(nn.Module):
     num_classes > 0 adds a label embedding (cond = num_classes or None: no label). extra_scalars > 0 makes
     forward require `extra`, (B, extra_scalars) floats embedded beside c_noise (e.g. a shortcut model's d).
     Inputs of any H, W divisible by 2^(len(channel_mult) - 1) work; attention sits at the levels chosen for
-    image_size.
+    image_size. grad_checkpoint recomputes each block's activations in the backward pass instead of storing them
+    (nets.recompute).
     """
 
     muon_exclude = ("inp", "out", "cond")  # input/output convs and the embeddings stay on AdamW
@@ -97,9 +99,11 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int, out_channels: int | None = None, *, channels: int = 128,
                  channel_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attn_resolutions: tuple[int, ...] | None = None, dropout: float = 0.1, num_classes: int = 0,
-                 extra_scalars: int = 0, image_size: int = 32, num_groups: int = 32, head_channels: int = 64):
+                 extra_scalars: int = 0, image_size: int = 32, num_groups: int = 32, head_channels: int = 64,
+                 grad_checkpoint: bool = False):
         super().__init__()
         self.in_channels, self.factor = in_channels, 2 ** (len(channel_mult) - 1)
+        self.grad_checkpoint = grad_checkpoint
         widths = [channels * m for m in channel_mult]
         resolutions = [image_size // 2**i for i in range(len(channel_mult))]
         if attn_resolutions is None:  # DDPM's choice, attention at 16x16 of 32x32 images: at half the image side
@@ -153,13 +157,13 @@ class UNet(nn.Module):
         hs = [h]
         for blocks in self.down:
             for block in blocks:
-                h = block(h, e)
+                h = run_block(block, self.grad_checkpoint, h, e)
             hs.append(h)
         for block in self.mid:
-            h = block(h, e)
+            h = run_block(block, self.grad_checkpoint, h, e)
         for blocks in self.up:
             if not isinstance(blocks[0], Upsample):
                 h = torch.cat([h, hs.pop()], dim=1)
             for block in blocks:
-                h = block(h, e)
+                h = run_block(block, self.grad_checkpoint, h, e)
         return self.out(h)

@@ -7,6 +7,9 @@ helps only when most steps stay below tau and a few exceed it; the log shows whe
 "auto" clips to the 0.9 quantile of the last 200 steps' pre-clip norms (no clipping until 10 steps are
 seen): a running version of AutoClip (Seetharaman et al. 2020), which clips to a percentile of all past norms.
 
+Under FSDP the gradients are shards (DTensors); torch's norm of them reduces across the processes, so the
+norm is the global one a single process computes, and every process clips by the same factor.
+
 Every step's pre-clip norm is kept on the device and read back only at log time (`drain`): logging it
 costs no host sync per step (the loop's one read per step stays its finite-step flag).
 """
@@ -16,6 +19,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 AUTO_QUANTILE, AUTO_WINDOW, AUTO_MIN_SEEN = 0.9, 200, 10
 
@@ -51,6 +55,8 @@ class Clipper:
         params = [p for p in parameters if p.grad is not None]
         grads = [p.grad for p in params]
         norm = nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):  # gradients sharded by FSDP: reduced over the processes, replicated on each
+            norm = norm.full_tensor()
         if self.auto:
             tau = self.threshold(norm.device)
             coef = (tau / (norm + 1e-6)).clamp(max=1.0)

@@ -3,8 +3,8 @@
 Reproducibility is by construction, not by saved RNG state: the data order of epoch e comes from a
 generator seeded by (seed, e), and every random draw of micro-batch j at step s (noise levels, eps,
 label dropout, dropout) from one seeded by (seed, s, j), or (seed, s, j, p) in an objective's phase p > 0.
-So a resumed run repeats exactly what an uninterrupted one does, and a run on R processes (torchrun, DDP)
-processes the same micro-batches as one process with R times the gradient accumulation.
+So a resumed run repeats exactly what an uninterrupted one does, and a run on R processes (torchrun, DDP or
+FSDP: train.distributed) processes the same micro-batches as one process with R times the gradient accumulation.
 
 Resuming (`resume_point`): from the newest intact checkpoint; metrics.jsonl keeps only the rows up to its
 step, since the steps after it are trained again. A train.steps other than the checkpoint's continues under
@@ -27,12 +27,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from diffkit.contracts import StepHooks
 from diffkit.train import checkpoint, clip, fast, optim, spectral
+from diffkit.train.distributed import Parallel
 from diffkit.train.ema import EMA
 
 
@@ -65,6 +65,7 @@ class TrainSettings:
     max_nonfinite: int = 10  # consecutive skipped steps before the run stops
     precision: str = "auto"  # "fp32", "bf16", or "auto" (bf16 autocast on CUDA)
     compile: bool = False  # channels_last + torch.compile the net (CUDA only; train.fast.prepare)
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2: sharded weights, gradients, optimizer state)
 
 
 def _seed(*parts: int) -> int:
@@ -188,12 +189,13 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
     measurements, e.g. a tokenizer's codebook usage)."""
     _check_labels(labels, len(x), model)
     run_dir = Path(run_dir)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    micro = settings.micro_batch or settings.batch // world
-    if settings.batch % (world * micro):
-        raise ValueError(f"batch {settings.batch} must be a multiple of world size {world} x micro_batch {micro}")
-    accum = settings.batch // (world * micro)
+    # Objectives that alternate between parts of the model (SiD: fake score, then generator) name their
+    # `phases`: each is a pass over the batch with `phase=` and an optimizer step of its own, in order; the
+    # optimizers skip parameters a phase leaves without gradient.
+    phases = getattr(objective, "phases", (None,))
+    par = Parallel(settings.parallel, phases=len(phases), monitor=monitor is not None)
+    rank = par.rank
+    micro, accum = par.split(settings.batch, settings.micro_batch)
     device = next(model.parameters()).device
     use_bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
 
@@ -202,24 +204,22 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
     ema = EMA(model, settings.ema_decay, settings.ema_rampup)
     # Objectives that build targets from the EMA weights (shortcut models) declare `uses_ema = True`.
     ema_arg = {"ema": ema.model} if getattr(objective, "uses_ema", False) else {}
-    # Objectives that alternate between parts of the model (SiD: fake score, then generator) name their
-    # `phases`: each is a pass over the batch with `phase=` and an optimizer step of its own, in order; the
-    # optimizers skip parameters a phase leaves without gradient.
-    phases = getattr(objective, "phases", (None,))
-    opts = optim.build(model, settings.optimizer, lr=settings.lr, muon_lr=settings.muon_lr,
-                       weight_decay=settings.weight_decay, betas=(settings.adam_beta1, settings.adam_beta2),
-                       muon_adjust_lr=settings.muon_adjust_lr, parametrization=settings.parametrization,
-                       spectral_base=settings.spectral_base, sign_embeddings_adamw=settings.sign_embeddings_adamw)
-    clippers = [clip.Clipper(settings.grad_clip, device) for _ in phases]
     start, skipped_total = 0, 0
     ck, length_changes = resume_point(run_dir, settings)
     if ck is not None:
         model.load_state_dict(ck.model)
         ema.load_state_dict(ck.ema)
+    par.shard(model, ema.model)  # FSDP: before the optimizers, whose parameters are then the shards
+    opts = optim.build(model, settings.optimizer, lr=settings.lr, muon_lr=settings.muon_lr,
+                       weight_decay=settings.weight_decay, betas=(settings.adam_beta1, settings.adam_beta2),
+                       muon_adjust_lr=settings.muon_adjust_lr, parametrization=settings.parametrization,
+                       spectral_base=settings.spectral_base, sign_embeddings_adamw=settings.sign_embeddings_adamw)
+    clippers = [clip.Clipper(settings.grad_clip, device) for _ in phases]
+    if ck is not None:
         if len(ck.optimizers) != len(opts):
             raise ValueError(f"checkpoint {ck.path} was written with another optimizer setting; use a new run folder")
         for opt, state in zip(opts, ck.optimizers):
-            opt.load_state_dict(state)
+            par.load_optimizer(opt, state)
         start, skipped_total = ck.step, ck.extra.get("skipped_steps", 0)
         for clipper, state in zip(clippers, ck.extra.get("clip", [])):
             clipper.load_state_dict(state)
@@ -229,21 +229,19 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
         model.net = fast.prepare(model.net, device, compile=True)
     elif settings.compile:
         warnings.warn(f"train.compile is for CUDA; training on {device.type} runs the net eagerly", stacklevel=2)
-    if world > 1:
-        # Several phases, and experts no token chose, leave parameters without gradient.
-        model.net = nn.parallel.DistributedDataParallel(model.net,
-                                                        find_unused_parameters=len(phases) > 1 or bool(hooked))
+    model.net = par.wrap(model.net, unused=bool(hooked))  # experts no token chose get no gradient
     model.train()
 
     def save(step: int) -> None:
+        # Full states, gathered from the shards under FSDP (every rank takes part), written by rank 0.
+        net_state, ema_state = par.state_dict(raw_net.state_dict()), par.state_dict(ema.state_dict())
+        opt_states = [par.optimizer_state(opt) for opt in opts]
         if rank == 0:
             extra = {"skipped_steps": skipped_total, "settings": asdict(settings), "length_changes": length_changes,
                      "clip": [c.state_dict() for c in clippers]}
-            checkpoint.save(run_dir, step, model={f"net.{k}": v for k, v in raw_net.state_dict().items()},
-                            ema=ema.state_dict(), optimizers=[opt.state_dict() for opt in opts], extra=extra,
-                            config=config or {}, keep=settings.keep)
-        if world > 1:
-            dist.barrier()
+            checkpoint.save(run_dir, step, model={f"net.{k}": v for k, v in net_state.items()}, ema=ema_state,
+                            optimizers=opt_states, extra=extra, config=config or {}, keep=settings.keep)
+        par.barrier()
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +251,7 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
                disable=not progress or rank != 0)
     consecutive, t0 = 0, time.perf_counter()
     # Under DDP every rank would have to agree on the step to stop at: Ctrl-C stops it as before.
-    with _stop_between_steps(world == 1) as stop, bar, log or contextlib.nullcontext():
+    with _stop_between_steps(par.world == 1) as stop, bar, log or contextlib.nullcontext():
         for step in bar:
             factor = optim.lr_factor(step, warmup=settings.warmup, total=settings.steps, cosine=settings.cosine)
             for opt in opts:
@@ -271,18 +269,14 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
                     torch.manual_seed(_seed(settings.seed, 2, *draws))  # dropout and any other global draws
                     gen = torch.Generator(device).manual_seed(_seed(settings.seed, 3, *draws))
                     cond = _to(labels[chunk], device) if labels is not None else None
-                    # DDP syncs gradients on the last micro-batch only.
-                    sync_ctx = model.net.no_sync() if world > 1 and k < accum - 1 else contextlib.nullcontext()
-                    with sync_ctx:
+                    with par.sync(last=k == accum - 1):
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                             loss = objective(model, _to(x[chunk], device), cond, generator=gen, **ema_arg, **phase_arg)
                             loss = loss.mean() / accum
                             aux = [a for m in hooked.values() if (a := m.aux_loss()) is not None]
                         (loss + sum(aux) / accum).backward()
                     total += loss.detach()
-                if world > 1:
-                    dist.all_reduce(total)
-                    total /= world
+                par.mean(total)
                 grad_norm = clippers[p](model.parameters())  # pre-clip; kept on the device for the log
                 # A non-finite gradient skips the step as a non-finite loss does (a loss may mask NaN samples out).
                 # This flag is the one value a phase reads back from the device.
@@ -328,4 +322,5 @@ def train(model: nn.Module, objective: Callable, x: Tensor, labels: Tensor | Non
             if stop:
                 raise Interrupted(f"interrupted at step {step + 1}: checkpoint saved; run the same command to resume")
     model.net = raw_net
+    par.unshard(model, ema.model)
     return ema

@@ -172,3 +172,21 @@ def test_two_processes_count_every_token_and_match_one(tmp_path):
     for k, v in one.items():
         assert torch.equal(r0[k], r1[k]), f"ranks drifted apart in {k}"
         torch.testing.assert_close(r0[k], v, rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_counts_each_token_once_and_keeps_the_gradients():
+    x, c = torch.randn(4, 1, 8, 8), torch.rand(4)
+    grads, loads = [], []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        net = DiT(8, 1, patch_size=2, width=16, depth=2, heads=2, grad_checkpoint=checkpointed,
+                  moe={"experts": 4, "top_k": 2, "balance": "aux_loss"})
+        out = net(x, c).square().mean()
+        aux = sum(block.mlp.aux_loss() for block in net.blocks)
+        (out + aux).backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+        loads.append(torch.stack([block.mlp.load for block in net.blocks]))
+        assert all(block.mlp.aux_loss() is None for block in net.blocks)  # the recomputation stored none
+    assert torch.equal(loads[0], loads[1]) and loads[0].sum() == 2 * 2 * 4 * 16  # blocks x top_k x tokens
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
