@@ -269,6 +269,19 @@ def cases(tmp: Path) -> list[tuple[str, object]]:
         ("sample a diffusers folder whose scheduler has thresholding: true", diffusers_folder("thresholding")),
         ("export a unet run --to diffusers", lambda: cli.main(["export", str(digits), str(tmp / "exp"),
                                                                "--to", "diffusers"])),
+        # Training stack II: fine-tuning, MoE, FSDP
+        ("finetune a run folder that does not exist", lambda: cli.main(
+            ["finetune", str(tmp / "nope"), "--out", str(tmp / "ft")])),
+        ("finetune --adapter dora", lambda: cli.main(["finetune", str(tmp / "plain"), "--adapter", "dora",
+                                                      "--out", str(tmp / "ft")])),
+        ("finetune --rank 0", lambda: cli.main(["finetune", str(tmp / "plain"), "--rank", "0",
+                                                "--out", str(tmp / "ft")])),
+        ("finetune --adapter pissa on a UNet run (convolutions)", lambda: cli.main(
+            ["finetune", str(digits), "--adapter", "pissa", "--out", str(tmp / "ft")])),
+        ("train configs/digits-dit-moe.yaml with model.args.moe={expert: 4} (a typo)", lambda: cli.main(
+            ["train", str(ROOT / "configs" / "digits-dit-moe.yaml"), "--out", str(tmp / "x"),
+             "model.args={patch_size: 2, width: 16, depth: 1, heads: 2, moe: {expert: 4}}"])),
+        ("train train.parallel=fsdb", lambda: cli.main([*flow, "train.parallel=fsdb", "--out", str(tmp / "x")])),
     ]
 
 

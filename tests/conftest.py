@@ -1,4 +1,5 @@
 import contextlib
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,14 @@ ALL_PATHS = {
     "shifted_vp": paths.Shifted(paths.VPCosine(), 2.0),
     "shifted_rf": paths.Shifted(paths.RectifiedFlow(), 3.0),
 }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt during the tests, as in a terminal, also when the suite runs in the
+    background (`pytest &`), where the shell starts Python with SIGINT ignored: the Ctrl-C tests press it."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(params=list(ALL_PATHS), ids=list(ALL_PATHS))
