@@ -276,8 +276,8 @@ def cases(tmp: Path) -> list[tuple[str, object]]:
                                                       "--out", str(tmp / "ft")])),
         ("finetune --rank 0", lambda: cli.main(["finetune", str(tmp / "plain"), "--rank", "0",
                                                 "--out", str(tmp / "ft")])),
-        ("finetune --adapter pissa on a UNet run (convolutions)", lambda: cli.main(
-            ["finetune", str(digits), "--adapter", "pissa", "--out", str(tmp / "ft")])),
+        ("finetune --adapter pissa on a UNet run (convolutions; the run of the model.net=unet case)", lambda: cli.main(
+            ["finetune", str(tmp / "unet"), "--adapter", "pissa", "--out", str(tmp / "ft")])),
         ("train configs/digits-dit-moe.yaml with model.args.moe={expert: 4} (a typo)", lambda: cli.main(
             ["train", str(ROOT / "configs" / "digits-dit-moe.yaml"), "--out", str(tmp / "x"),
              "model.args={patch_size: 2, width: 16, depth: 1, heads: 2, moe: {expert: 4}}"])),
