@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             "best_by_nfe": head, "rows": rows, "calibration": calibration, **info}
     lines = [
         "# diffkit's samplers on a diffusers model", "",
-        f"Command: `{command}` (under `flock /work/heavy.lock`) on {data['device']}, torch {data['torch']}, "
+        f"Command: `{command}` on {data['device']}, torch {data['torch']}, "
         f"diffusers {data['diffusers']}. The model: configs/digits-diffusers.yaml, diffusers' UNet2DModel trained "
         f"by diffkit's loop ({info['train_seconds']:.0f} s), exported with `diffkit export --to diffusers`, loaded "
         "back with `load_diffusers`. Every row samples the same latents (seed 0); diffusers' rows run its "
