@@ -71,6 +71,7 @@ class MoE(nn.Module):
         self.register_buffer("bias", torch.zeros(experts))
         self.register_buffer("load", torch.zeros(experts), persistent=False)  # tokens per expert this step
         self._aux: Tensor | None = None
+        self._counted = False  # a training forward counted loads this step (known on the host: no read-back)
         self._history: list[Tensor] = []  # per-step loads since the last drain, on the device
 
     def route(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -103,6 +104,7 @@ class MoE(nn.Module):
             again = recomputing()
             if not again:
                 self.load += counts.to(self.load)
+                self._counted = True
             if self.balance == "aux_loss":
                 f = counts / chosen.numel()
                 p = (s / s.sum(-1, keepdim=True)).mean(0)
@@ -120,14 +122,14 @@ class MoE(nn.Module):
     def after_step(self, applied: bool) -> None:
         """Close one training step: with `applied` (the optimizer stepped), record its load and, under
         aux_free, move the bias towards balance; a skipped step's counts are dropped."""
-        if applied and self.load.sum() > 0:
+        if applied and self._counted:
             if dist.is_initialized():
                 dist.all_reduce(self.load)
             if self.balance == "aux_free":
                 self.bias += self.bias_rate * torch.sign(self.load.mean() - self.load)
             self._history.append(self.load.clone())
         self.load.zero_()
-        self._aux = None
+        self._aux, self._counted = None, False
 
     def drain(self) -> dict:
         """Log fields for the steps closed since the last drain: MaxVio of each step, and each expert's share of
